@@ -1,0 +1,1 @@
+"""Data: discovery of layouts and manifests, image reading, preprocessing, synthetic data."""

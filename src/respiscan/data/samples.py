@@ -1,0 +1,213 @@
+"""Find the samples of a data set: the reference folder layout, a manifest CSV, or train.csv/test.csv.
+
+Every sample gets an id (its path relative to the data root), a modality, a label (1 = COVID), a split and,
+when known, a group (patient/case) and a source. A validation split is carved from train here, grouped by
+`group`, so that no later stage ever needs the test split for a choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from respiscan.errors import RespiscanError
+
+MODALITIES = ("xray", "ct")
+CLASS_NAMES = ("Non_COVID", "COVID")  # index = label; COVID is the positive class
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+MANIFEST_NAME = "manifest.csv"
+
+_LABELS = {
+    "covid": 1, "covid19": 1, "covidpositive": 1, "positive": 1, "pos": 1, "1": 1, "true": 1,
+    "noncovid": 0, "noncovid19": 0, "notcovid": 0, "covidnegative": 0, "negative": 0, "neg": 0, "normal": 0,
+    "0": 0, "false": 0,
+}
+_MODALITIES = {"xray": "xray", "cxr": "xray", "chestxray": "xray", "ct": "ct", "ctscan": "ct", "ctscans": "ct"}
+_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+           "test": "test", "testing": "test"}
+_LAYOUT_DIR = re.compile(r"^(x_?ray|ct(?:_?scan)?)_?(train|test|val|validation)$")
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(text).strip().lower())
+
+
+def parse_label(value: str, where: str) -> int:
+    """1 for COVID, 0 for Non-COVID; common spellings are accepted, anything else is an error."""
+    label = _LABELS.get(_key(value))
+    if label is None:
+        raise RespiscanError(
+            f"{where}: unknown label {value!r}; accepted: COVID, Non_COVID (or covid/non-covid, positive/negative, 1/0)")
+    return label
+
+
+def parse_modality(value: str, where: str) -> str:
+    modality = _MODALITIES.get(_key(value))
+    if modality is None:
+        raise RespiscanError(f"{where}: unknown modality {value!r}; accepted: xray, ct")
+    return modality
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    path: Path
+    modality: str
+    label: int
+    split: str
+    group: str | None = None
+    source: str | None = None
+
+    def as_row(self) -> dict:
+        row = asdict(self)
+        row["path"] = str(self.path)
+        return row
+
+
+def discover(data: str | Path) -> list[Sample]:
+    """All samples under `data` (a folder in the reference layout, a folder with manifest.csv or
+    train.csv/test.csv, or a manifest CSV file), sorted by id."""
+    data = Path(data)
+    if not data.exists():
+        raise RespiscanError(f"{data}: no such file or folder")
+    if data.is_file():
+        samples = _from_manifest(data, data.parent)
+    elif (data / MANIFEST_NAME).is_file():
+        samples = _from_manifest(data / MANIFEST_NAME, data)
+    elif (data / "train.csv").is_file() or (data / "test.csv").is_file():
+        samples = []
+        for split in ("train", "test"):
+            if (data / f"{split}.csv").is_file():
+                samples += _from_manifest(data / f"{split}.csv", data, default_split=split)
+    else:
+        samples = _from_layout(data)
+    if not samples:
+        raise RespiscanError(f"{data}: no images found (expected X_Ray_Train/COVID/... folders, manifest.csv, "
+                             "or train.csv/test.csv)")
+    ids = Counter(s.id for s in samples)
+    dupes = [i for i, n in ids.items() if n > 1]
+    if dupes:
+        raise RespiscanError(f"{data}: duplicate sample id {dupes[0]!r} ({len(dupes)} duplicated)")
+    return sorted(samples, key=lambda s: s.id)
+
+
+def _from_layout(root: Path) -> list[Sample]:
+    samples = []
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = _LAYOUT_DIR.match(split_dir.name.lower())
+        if not m:
+            continue
+        modality = "xray" if m.group(1).startswith("x") else "ct"
+        split = _SPLITS[m.group(2)]
+        class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
+        if not class_dirs:
+            raise RespiscanError(f"{split_dir}: no class folders (expected COVID and Non_COVID)")
+        for class_dir in class_dirs:
+            label = parse_label(class_dir.name, f"{class_dir}: class folder")
+            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise RespiscanError(f"{class_dir}: empty class folder (no images)")
+            for f in files:
+                rel = f.relative_to(root).as_posix()
+                samples.append(Sample(rel, f, modality, label, split))
+    return samples
+
+
+def _resolve_inside(root: Path, rel: str, where: str) -> Path:
+    if not rel:
+        raise RespiscanError(f"{where}: empty path")
+    p = Path(rel)
+    if p.is_absolute():
+        raise RespiscanError(f"{where}: absolute path {rel!r}; paths must be relative to the data folder")
+    full = (root / p).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise RespiscanError(f"{where}: path {rel!r} escapes the data folder")
+    return root / p
+
+
+def _from_manifest(manifest: Path, root: Path, default_split: str | None = None) -> list[Sample]:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = {_key(c): c for c in reader.fieldnames or []}
+        path_col = next((columns[c] for c in ("path", "filepath", "file", "filename", "image") if c in columns), None)
+        need = {"path": path_col, "label": columns.get("label"), "modality": columns.get("modality"),
+                "split": columns.get("split") or (default_split and "__default__")}
+        missing = [k for k, v in need.items() if v is None]
+        if missing:
+            raise RespiscanError(f"{manifest}: missing column(s) {', '.join(missing)}; "
+                                 "needs path, modality, label, split (group and source optional)")
+        samples = []
+        for n, row in enumerate(reader, start=2):
+            where = f"{manifest}:{n}"
+            rel = (row.get(need["path"]) or "").strip()
+            path = _resolve_inside(root, rel, where)
+            split_value = row.get(need["split"]) or default_split or ""
+            split = _SPLITS.get(_key(split_value))
+            if split is None:
+                raise RespiscanError(f"{where}: unknown split {split_value!r}; accepted: train, val, test")
+            group = (row.get(columns.get("group", ""), "") or row.get(columns.get("patient", ""), "") or "").strip()
+            source = (row.get(columns.get("source", ""), "") or "").strip()
+            samples.append(Sample(Path(rel).as_posix(), path, parse_modality(row.get(need["modality"], ""), where),
+                                  parse_label(row.get(need["label"], ""), where), split,
+                                  group or None, source or None))
+    return samples
+
+
+def check_trainable(samples: list[Sample], where: str) -> None:
+    """Each modality present in train must have both classes, or nothing can be learned."""
+    train = [s for s in samples if s.split in ("train", "val")]
+    if not train:
+        raise RespiscanError(f"{where}: no training images (train split is empty)")
+    for modality in MODALITIES:
+        labels = {s.label for s in train if s.modality == modality}
+        if len(labels) == 1:
+            only = CLASS_NAMES[labels.pop()]
+            raise RespiscanError(f"{where}: {modality} training data has only one class ({only}); need COVID and Non_COVID")
+
+
+def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 0) -> list[Sample]:
+    """Move a stratified, group-aware fraction of each modality's train samples to split 'val'.
+
+    A modality that already has validation samples is left as it is. Test samples are never touched.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    out = list(samples)
+    index = {s.id: i for i, s in enumerate(out)}
+    for modality in MODALITIES:
+        mod = [s for s in out if s.modality == modality]
+        if any(s.split == "val" for s in mod):
+            continue
+        train = [s for s in mod if s.split == "train"]
+        if len(train) < 4:
+            continue
+        labels = np.array([s.label for s in train])
+        groups = np.array([s.group or f"__{s.id}" for s in train])
+        n_splits = max(2, min(round(1 / fraction), int(np.bincount(labels).min())))
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, val_idx = next(folds.split(np.zeros(len(train)), labels, groups))
+        for i in val_idx:
+            out[index[train[i].id]] = replace(train[i], split="val")
+    return out
+
+
+def write_manifest(samples: list[Sample], path: Path, root: Path | None = None) -> None:
+    """Write samples as a manifest CSV (paths relative to `root` when given)."""
+    from respiscan.utils import atomic_write
+
+    rows = []
+    for s in samples:
+        row = s.as_row()
+        row["path"] = Path(s.path).relative_to(root).as_posix() if root else str(s.path)
+        row["label"] = CLASS_NAMES[s.label]
+        rows.append(row)
+    fields = ["id", "path", "modality", "label", "split", "group", "source"]
+    with atomic_write(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows({k: ("" if r[k] is None else r[k]) for k in fields} for r in rows)

@@ -1,0 +1,1 @@
+"""Models: backbone factory (timm) and the MLP blocks of every stage."""

@@ -1,0 +1,1 @@
+"""Training: one fit loop shared by every stage, the stages, and the whole-pipeline trainer."""
