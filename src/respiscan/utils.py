@@ -22,6 +22,9 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[A
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the result ordinary permissions
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
@@ -37,6 +40,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+
+
+def write_rows(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """A CSV of dict rows (columns: `fields`, else the keys of the first row), written atomically."""
+    import csv
+
+    fields = fields or (list(rows[0]) if rows else [])
+    with atomic_write(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def seed_everything(seed: int) -> None:

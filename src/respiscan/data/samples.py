@@ -196,18 +196,36 @@ def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 
     return out
 
 
+def fingerprint(samples: list[Sample]) -> dict[str, str | int]:
+    """Hashes that identify the data a model saw: the sample list (ids, labels, splits) and the file contents."""
+    import hashlib
+
+    listing, contents = hashlib.sha256(), hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.id):
+        listing.update(f"{s.id},{s.modality},{s.label},{s.split},{s.group or ''}\n".encode())
+        try:
+            contents.update(hashlib.sha256(Path(s.path).read_bytes()).digest())
+        except OSError:
+            contents.update(b"unreadable")
+    return {"n_samples": len(samples), "samples_sha256": listing.hexdigest(), "files_sha256": contents.hexdigest()}
+
+
 def write_manifest(samples: list[Sample], path: Path, root: Path | None = None) -> None:
     """Write samples as a manifest CSV (paths relative to `root` when given)."""
-    from respiscan.utils import atomic_write
+    from respiscan.utils import write_rows
 
-    rows = []
-    for s in samples:
-        row = s.as_row()
-        row["path"] = Path(s.path).relative_to(root).as_posix() if root else str(s.path)
-        row["label"] = CLASS_NAMES[s.label]
-        rows.append(row)
-    fields = ["id", "path", "modality", "label", "split", "group", "source"]
-    with atomic_write(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows({k: ("" if r[k] is None else r[k]) for k in fields} for r in rows)
+    rows = [{**s.as_row(), "path": Path(s.path).relative_to(root).as_posix() if root else str(s.path),
+             "label": CLASS_NAMES[s.label], "group": s.group or "", "source": s.source or ""} for s in samples]
+    write_rows(path, rows, ["id", "path", "modality", "label", "split", "group", "source"])
+
+
+def folder_samples(folder: str | Path, modality: str) -> list[Sample]:
+    """Every image under a plain folder, as unlabelled samples (label -1) of one modality, for batch prediction."""
+    folder = Path(folder)
+    modality = parse_modality(modality, "--modality")
+    if not folder.is_dir():
+        raise RespiscanError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise RespiscanError(f"{folder}: no images found")
+    return [Sample(p.relative_to(folder).as_posix(), p, modality, -1, "test") for p in files]

@@ -1,0 +1,181 @@
+"""The `respiscan` command: a thin layer that parses, calls the library and prints.
+
+Bad input ends with one line on stderr and exit code 2 (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from respiscan.errors import RespiscanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="COVID-19 detection from chest X-rays and CT slices (multi-modal multi-task learning).")
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def synth(out: Path = typer.Argument(..., help="Folder to create (reference layout + manifest.csv)."),
+          n_per_class: int = typer.Option(50, help="Images per class and modality (train + test)."),
+          size: int = typer.Option(224, help="Image side in pixels."),
+          seed: int = typer.Option(0)) -> None:
+    """Write a synthetic data set of X-ray-like and CT-like phantoms."""
+    from respiscan.data.synth import generate
+
+    generate(out, n_per_class=n_per_class, size=size, seed=seed)
+    typer.echo(f"synthetic data written to {out}")
+
+
+@app.command()
+def preprocess(data: Path = typer.Argument(..., help="Data folder or manifest."),
+               out: Path = typer.Argument(..., help="New folder for the preprocessed images (same layout)."),
+               size: int = typer.Option(224), strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
+    """Write preprocessed copies (CLAHE, CT opening, resize) in the same layout; the originals are untouched."""
+    from respiscan.data.export import write_preprocessed
+
+    n, skipped = write_preprocessed(data, out, size=size, strict=strict)
+    _report_skipped(skipped)
+    typer.echo(f"{n} preprocessed images written to {out}")
+
+
+@app.command()
+def train(data: Path = typer.Argument(..., help="Data folder (reference layout, manifest.csv, or train/test.csv)."),
+          out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+          preset: str = typer.Option("fast", help="fast (default, CPU), seed (the reference's backbones), tiny."),
+          shared: Optional[str] = typer.Option(None, help="Shared MLP: plain, adversarial or none."),
+          backbone: Optional[str] = typer.Option(None, help="timm backbone for every embedding model."),
+          image_size: Optional[int] = typer.Option(None, help="Input size in pixels (331 for NASNetLarge)."),
+          epochs: Optional[int] = typer.Option(None, help="Maximum epochs of the embedding-model stage."),
+          pretrained: bool = typer.Option(False, help="Use timm's pretrained weights (downloads; frozen backbone)."),
+          weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file, or a folder of <backbone>.* files."),
+          seed: int = typer.Option(0), strict: bool = typer.Option(False, help="Fail on unreadable images."),
+          resume: bool = typer.Option(False, help="Continue from the last finished stage in OUT."),
+          cache_dir: Optional[Path] = typer.Option(None, help="Keep preprocessed images here between runs.")) -> None:
+    """Train every stage and write a self-contained bundle."""
+    from respiscan.training.config import preset as make_preset
+    from respiscan.training.trainer import train as run_train
+
+    cfg = make_preset(preset)
+    cfg.seed = seed
+    if shared:
+        cfg.model = type(cfg.model)(**{**cfg.model.to_dict(), "shared": shared})
+    if backbone:
+        cfg.model.task_backbones = {m: backbone for m in cfg.model.task_backbones}
+        cfg.model.shared_backbones = None
+    if image_size:
+        cfg.preprocess = type(cfg.preprocess)(**{**cfg.preprocess.to_dict(), "size": image_size})
+    if epochs:
+        cfg.backbone_fit.epochs = epochs
+    cfg.pretrained = str(weights) if weights else pretrained
+    bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir)
+    typer.echo(f"bundle written to {bundle}")
+
+
+@app.command()
+def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
+            xray: Optional[Path] = typer.Option(None, help="Chest X-ray image."),
+            ct: Optional[Path] = typer.Option(None, help="CT slice image."),
+            data: Optional[Path] = typer.Option(None, help="Batch: a data folder/manifest, or a plain folder with --modality."),
+            modality: Optional[str] = typer.Option(None, help="Modality of a plain image folder given to --data."),
+            out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv)."),
+            as_json: bool = typer.Option(False, "--json", help="One JSON object per case."),
+            strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
+    """Predict one case (--xray and/or --ct) or a batch (--data)."""
+    from respiscan.predict import Pipeline
+
+    if data is None and xray is None and ct is None:
+        raise RespiscanError("give --xray and/or --ct, or --data for a batch")
+    pipe = Pipeline(bundle)
+    if data is None:
+        result = pipe.predict(xray=xray, ct=ct)
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            for m in ("xray", "ct"):
+                if result[f"{m}_probability"] is not None:
+                    typer.echo(f"{m:5s} p(COVID) = {result[f'{m}_probability']:.4f}")
+            typer.echo(f"label: {result['label']} (p = {result['probability']:.4f}, threshold {result['threshold']:.3f})")
+        return
+    from respiscan.data.samples import folder_samples, discover
+    from respiscan.predict import write_predictions
+
+    samples = folder_samples(data, modality) if modality else discover(data)
+    rows, skipped = pipe.predict_samples(samples, strict=strict)
+    _report_skipped(skipped)
+    target = out or Path("predictions.csv")
+    write_predictions(target, rows)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r))
+    typer.echo(f"{len(rows)} predictions written to {target}", err=as_json)
+
+
+@app.command()
+def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
+             data: Path = typer.Argument(..., help="Data folder or manifest; its test split is used."),
+             out: Optional[Path] = typer.Option(None, help="Output folder (default BUNDLE/evaluation)."),
+             strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
+    """Metrics on the test split, per modality and fused (COVID is the positive class)."""
+    from respiscan.evaluation.evaluate import evaluate as run_evaluate
+
+    results = run_evaluate(bundle, data, out, strict=strict)
+    _report_skipped([(s["id"], s["reason"]) for s in results["skipped"]])
+    for name, m in [*results["modalities"].items(), *([("fused", results["fused"])] if "fused" in results else [])]:
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
+        typer.echo(f"{name:5s} n={m['n']:4d} AUC={auc} acc={m['accuracy']:.3f} sens={_fmt(m['sensitivity'])} "
+                   f"spec={_fmt(m['specificity'])} F1={_fmt(m['f1'])}")
+    typer.echo(f"written to {out or Path(bundle) / 'evaluation'}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("respiscan-demo"), help="Folder for the demo's data, bundle and results."),
+         n_per_class: int = typer.Option(60, help="Synthetic cases per class."), seed: int = typer.Option(0)) -> None:
+    """Synthesise data, train the whole pipeline, evaluate it and predict one pair (a few minutes on a CPU)."""
+    from respiscan.demo import run_demo
+
+    run_demo(out, n_per_class=n_per_class, seed=seed)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    for _, reason in skipped:
+        typer.echo(f"warning: skipped {reason}", err=True)
+    if skipped:
+        typer.echo(f"warning: {len(skipped)} unreadable image(s) skipped", err=True)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RespiscanError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,80 @@
+"""Decode and preprocess every image once, in parallel, and keep the uint8 arrays (memory and disk cache)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from respiscan.data.preprocess import PreprocessConfig
+from respiscan.data.samples import Sample
+from respiscan.errors import RespiscanError
+
+log = logging.getLogger(__name__)
+
+
+def load_preprocessed(path: str | Path, modality: str, cfg: PreprocessConfig) -> np.ndarray:
+    """Read one image file (any supported format) and preprocess it exactly as training did."""
+    from respiscan.data.io import DicomWindow, read_image
+
+    window = DicomWindow(ct_center=cfg.dicom_ct_center, ct_width=cfg.dicom_ct_width)
+    return cfg.apply(read_image(path, modality=modality, window=window), modality)
+
+
+def _cache_key(samples: list[Sample], cfg: PreprocessConfig) -> str:
+    h = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for s in samples:
+        try:
+            st = os.stat(s.path)
+            h.update(f"{s.path}|{s.modality}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{s.path}|missing\n".encode())
+    return h.hexdigest()[:20]
+
+
+def load_dataset_images(samples: list[Sample], cfg: PreprocessConfig, *, cache_dir: Path | None = None,
+                        strict: bool = False, workers: int | None = None, desc: str = "preprocess",
+                        ) -> tuple[np.ndarray, list[Sample], list[tuple[str, str]]]:
+    """Preprocessed uint8 arrays (N, size, size) for the readable samples, those samples, and the skipped ones.
+
+    Unreadable images are skipped with a warning (and returned as (id, reason)); with strict=True the first
+    one raises. OpenCV releases the GIL, so threads overlap decoding on all cores.
+    """
+    cache_file = cache_dir / f"images-{_cache_key(samples, cfg)}.npz" if cache_dir else None
+    if cache_file and cache_file.is_file():
+        with np.load(cache_file, allow_pickle=False) as z:
+            keep = set(z["ids"].tolist())
+            skipped = [tuple(x) for x in z["skipped"].tolist()]
+            return z["images"], [s for s in samples if s.id in keep], skipped
+
+    def work(s: Sample) -> np.ndarray | RespiscanError:
+        try:
+            return load_preprocessed(s.path, s.modality, cfg)
+        except RespiscanError as e:
+            if strict:
+                raise
+            return e
+
+    images, kept, skipped = [], [], []
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for s, out in tqdm(zip(samples, pool.map(work, samples)), total=len(samples), desc=desc, unit="img"):
+            if isinstance(out, RespiscanError):
+                log.warning("skipped %s", out)
+                skipped.append((s.id, str(out)))
+            else:
+                images.append(out)
+                kept.append(s)
+    arr = np.stack(images) if images else np.zeros((0, cfg.size, cfg.size), np.uint8)
+    if cache_file:
+        from respiscan.utils import atomic_write
+
+        with atomic_write(cache_file, "wb") as f:
+            np.savez(f, images=arr, ids=np.array([s.id for s in kept], dtype=str),
+                     skipped=np.array(skipped, dtype=str).reshape(-1, 2))
+    return arr, kept, skipped

@@ -1,0 +1,87 @@
+"""The whole multi-modal multi-task network as one module, so one safetensors file holds every stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from respiscan.errors import RespiscanError
+from respiscan.models.backbone import EmbeddingNet
+from respiscan.models.mlp import FEATURE_DIM, AdversarialSharedMLP, Head, SharedMLP, TaskSpecificMLP
+
+SHARED_KINDS = ("plain", "adversarial", "none")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network's structure (weights come from the bundle)."""
+
+    modalities: list[str] = field(default_factory=lambda: ["xray", "ct"])
+    task_backbones: dict[str, str] = field(default_factory=lambda: {"xray": "resnet18", "ct": "resnet18"})
+    # None: the task-specific embedding model of each modality also feeds the shared MLP (faster presets)
+    shared_backbones: dict[str, str] | None = None
+    shared: str = "plain"
+
+    def __post_init__(self) -> None:
+        if self.shared not in SHARED_KINDS:
+            raise RespiscanError(f"unknown shared kind {self.shared!r}; accepted: {', '.join(SHARED_KINDS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def resolve_weights(pretrained: bool | str | Path, backbone: str) -> bool | str:
+    """`pretrained` may be a bool, one weights file, or a folder of `<backbone>.<ext>` files."""
+    if isinstance(pretrained, bool):
+        return pretrained
+    path = Path(pretrained)
+    if path.is_dir():
+        hits = sorted(p for p in path.iterdir() if p.name.split(".")[0] == backbone.split(".")[0])
+        if not hits:
+            raise RespiscanError(f"{path}: no weights file named {backbone}.* for backbone {backbone!r}")
+        return str(hits[0])
+    return str(path)
+
+
+class MMTLNet(nn.Module):
+    def __init__(self, spec: ModelSpec, pretrained: bool | str | Path = False):
+        super().__init__()
+        self.spec = spec
+        names = {f"task_{m}": spec.task_backbones[m] for m in spec.modalities}
+        if spec.shared_backbones and spec.shared != "none":
+            names.update({f"shared_{m}": spec.shared_backbones[m] for m in spec.modalities})
+        self.embedders = nn.ModuleDict({k: EmbeddingNet(v, resolve_weights(pretrained, v)) for k, v in names.items()})
+        self.task = nn.ModuleDict({m: TaskSpecificMLP(m) for m in spec.modalities})
+        self.shared = {"plain": SharedMLP, "adversarial": AdversarialSharedMLP}.get(spec.shared, lambda: None)()
+        head_in = FEATURE_DIM if self.shared is None else 2 * FEATURE_DIM
+        self.heads = nn.ModuleDict({m: Head(head_in) for m in spec.modalities})
+
+    def task_embedder(self, modality: str) -> EmbeddingNet:
+        return self.embedders[f"task_{modality}"]
+
+    def shared_embedder(self, modality: str) -> EmbeddingNet:
+        return self.embedders[f"shared_{modality}"] if f"shared_{modality}" in self.embedders else self.task_embedder(modality)
+
+    def head_features(self, modality: str, task_embedding: torch.Tensor, shared_embedding: torch.Tensor | None) -> torch.Tensor:
+        """[task-specific 640 ; shared 640] (task-specific only when the shared stage is off)."""
+        parts = [self.task[modality].features(task_embedding)]
+        if self.shared is not None:
+            parts.append(self.shared.features(shared_embedding))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, images: torch.Tensor, modality: str) -> torch.Tensor:
+        """COVID logits for a batch of preprocessed uint8 images of one modality."""
+        task_embedding = self.task_embedder(modality).embed(images)
+        shared_embedding = None
+        if self.shared is not None:
+            same = self.shared_embedder(modality) is self.task_embedder(modality)
+            shared_embedding = task_embedding if same else self.shared_embedder(modality).embed(images)
+        return self.heads[modality](self.head_features(modality, task_embedding.float(),
+                                                       None if shared_embedding is None else shared_embedding.float()))

@@ -1,0 +1,180 @@
+"""Train the whole pipeline, stage by stage, and write a bundle.
+
+Stages: embedding model(s) per modality -> embeddings -> task-specific MLP per modality -> shared MLP (plain or
+adversarial) over both modalities -> head per modality. Each finished stage is saved atomically under
+`OUT/.stages/`, so `resume=True` continues from the last finished one. The test split is never loaded here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from respiscan.bundle import save_bundle
+from respiscan.data.images import load_dataset_images
+from respiscan.data.samples import (CLASS_NAMES, MODALITIES, Sample, carve_validation, check_trainable, discover,
+                                   fingerprint, write_manifest)
+from respiscan.models.network import MMTLNet
+from respiscan.training.config import TrainConfig, preset
+from respiscan.training.loop import bf16_supported, predict_logits, train_classifier
+from respiscan.training.stages import embed_images, finetune_adversarial, train_adversarial, train_embedder
+from respiscan.utils import atomic_write, package_versions, seed_everything, write_json, write_rows
+
+log = logging.getLogger(__name__)
+XRAY, CT = MODALITIES
+
+
+class StageStore:
+    """Finished stages as safetensors files; a stage found here is loaded instead of trained."""
+
+    def __init__(self, folder: Path, resume: bool):
+        self.folder = folder
+        if folder.exists() and not resume:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def load_module(self, name: str, module: nn.Module) -> bool:
+        if not self._path(name).is_file():
+            return False
+        module.load_state_dict(load_file(str(self._path(name))))
+        log.info("resumed stage %s", name)
+        return True
+
+    def save_module(self, name: str, module: nn.Module) -> None:
+        self.save_tensors(name, module.state_dict())
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        return load_file(str(self._path(name))) if self._path(name).is_file() else None
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with atomic_write(self._path(name), "wb") as f:
+            f.write(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+
+def _split(samples: list[Sample], images: np.ndarray, modality: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = [i for i, s in enumerate(samples) if s.modality == modality and s.split == split]
+    return torch.from_numpy(images[idx]), torch.tensor([samples[i].label for i in idx], dtype=torch.float32)
+
+
+def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, *, strict: bool = False,
+          resume: bool = False, cache_dir: str | Path | None = None) -> Path:
+    """Train every stage on DATA's train split (validation carved from it) and write a bundle to OUT."""
+    cfg = config or preset("fast")
+    out = Path(out)
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)
+    samples = carve_validation(discover(data), cfg.val_fraction, cfg.seed)
+    check_trainable(samples, str(data))
+    fit_samples = [s for s in samples if s.split in ("train", "val")]
+    cfg.model.modalities = [m for m in MODALITIES if any(s.modality == m for s in fit_samples)]
+    net = MMTLNet(cfg.model, pretrained=cfg.pretrained)
+    store = StageStore(out / ".stages", resume)
+    logs = out / "logs"
+    images, fit_samples, skipped = load_dataset_images(
+        fit_samples, cfg.preprocess, strict=strict, cache_dir=Path(cache_dir) if cache_dir else None)
+    for _, reason in skipped:
+        print(f"warning: skipped {reason}")
+    check_trainable(fit_samples, str(data))
+    bf16 = bf16_supported()
+    frozen = cfg.pretrained is not False
+    splits = {(m, sp): _split(fit_samples, images, m, sp) for m in cfg.model.modalities for sp in ("train", "val")}
+    del images
+
+    # Stage 1: embedding models, then the embeddings they give (cached: the later stages train on these).
+    emb: dict[tuple[str, str], torch.Tensor] = {}
+    for key, embedder in net.embedders.items():
+        modality = key.split("_", 1)[1]
+        if not store.load_module(key, embedder):
+            train_embedder(embedder, splits[modality, "train"], splits[modality, "val"], cfg.backbone_fit,
+                           frozen=frozen, augment=cfg.augment, bf16=bf16, seed=cfg.seed,
+                           log_path=logs / f"embedding_{key}.csv", desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})")
+            store.save_module(key, embedder)
+        cached = store.load_tensors(f"embeddings_{key}")
+        if cached is None:
+            cached = {sp: embed_images(embedder, splits[modality, sp][0], bf16, desc=f"embed {key} {sp}")
+                      for sp in ("train", "val")}
+            store.save_tensors(f"embeddings_{key}", cached)
+        for sp, tensor in cached.items():
+            emb[key, sp] = tensor
+    labels = {(m, sp): splits[m, sp][1] for m in cfg.model.modalities for sp in ("train", "val")}
+    shared_key = {m: f"shared_{m}" if f"shared_{m}" in net.embedders else f"task_{m}" for m in cfg.model.modalities}
+
+    # Stage 2: task-specific MLP per modality.
+    for m in cfg.model.modalities:
+        if not store.load_module(f"task_mlp_{m}", net.task[m]):
+            train_classifier(net.task[m], emb[f"task_{m}", "train"], labels[m, "train"], emb[f"task_{m}", "val"],
+                             labels[m, "val"], cfg.mlp_fit, seed=cfg.seed, log_path=logs / f"task_mlp_{m}.csv",
+                             desc=f"task-specific MLP {m}")
+            store.save_module(f"task_mlp_{m}", net.task[m])
+
+    # Stage 3: shared MLP over both modalities.
+    if net.shared is not None and not store.load_module("shared", net.shared):
+        both = {sp: (torch.cat([emb[shared_key[m], sp] for m in cfg.model.modalities]),
+                     torch.cat([labels[m, sp] for m in cfg.model.modalities]),
+                     torch.cat([torch.full((len(labels[m, sp]),), float(m == XRAY)) for m in cfg.model.modalities]))
+                for sp in ("train", "val")}
+        if cfg.model.shared == "plain":
+            train_classifier(net.shared, both["train"][0], both["train"][1], both["val"][0], both["val"][1],
+                             cfg.mlp_fit, seed=cfg.seed, log_path=logs / "shared_plain.csv", desc="shared MLP")
+        else:
+            train_adversarial(net.shared, both["train"][0], both["train"][2], both["val"][0], both["val"][2],
+                              cfg.adversarial_epochs, cfg.mlp_fit, seed=cfg.seed, log_path=logs / "shared_adversarial.csv")
+            target = 1 if cfg.adversarial_finetune == "covid" else 2
+            finetune_adversarial(net.shared, (both["train"][0], both["train"][target]),
+                                 (both["val"][0], both["val"][target]), cfg.mlp_fit, seed=cfg.seed,
+                                 log_path=logs / "shared_finetune.csv")
+        store.save_module("shared", net.shared)
+
+    # Stage 4: heads on [task-specific ; shared].
+    net.eval()
+    head_x: dict[tuple[str, str], torch.Tensor] = {}
+    for m in cfg.model.modalities:
+        for sp in ("train", "val"):
+            task_e, shared_e = emb[f"task_{m}", sp], emb[shared_key[m], sp]
+            with torch.no_grad():
+                head_x[m, sp] = net.head_features(m, task_e, shared_e)
+        if not store.load_module(f"head_{m}", net.heads[m]):
+            train_classifier(net.heads[m], head_x[m, "train"], labels[m, "train"], head_x[m, "val"], labels[m, "val"],
+                             cfg.mlp_fit, seed=cfg.seed, log_path=logs / f"head_{m}.csv", desc=f"head {m}")
+            store.save_module(f"head_{m}", net.heads[m])
+    net.eval()
+
+    # Validation probabilities -> operating thresholds and validation metrics (never the test split).
+    from respiscan.evaluation.metrics import binary_metrics, choose_threshold
+
+    thresholds, val_metrics, val_rows = {}, {}, []
+    for m in cfg.model.modalities:
+        y = labels[m, "val"].numpy()
+        p = 1 / (1 + np.exp(-predict_logits(net.heads[m], head_x[m, "val"]).astype(np.float64)))
+        thresholds[m] = float(choose_threshold(y, p)) if len(np.unique(y)) == 2 else 0.5
+        val_metrics[m] = binary_metrics(y, p, thresholds[m])
+        val_ids = [s.id for s in fit_samples if s.modality == m and s.split == "val"]
+        val_rows += [{"id": i, "modality": m, "label": CLASS_NAMES[int(t)], "probability": float(q)}
+                     for i, t, q in zip(val_ids, y, p)]
+    thresholds["fused"] = 0.5
+    counts = Counter(f"{s.modality}/{s.split}/{CLASS_NAMES[s.label]}" for s in fit_samples)
+    config = {
+        "model": cfg.model.to_dict(), "preprocess": cfg.preprocess.to_dict(), "class_names": list(CLASS_NAMES),
+        "positive_class": "COVID", "thresholds": thresholds, "fusion": "mean of the per-modality probabilities",
+        "training": cfg.to_dict(), "versions": package_versions(),
+        "data": {"path": str(Path(data).resolve()), "fingerprint": fingerprint(samples), "counts": dict(sorted(counts.items())),
+                 "skipped": [{"id": i, "reason": r} for i, r in skipped]},
+        "validation_metrics": val_metrics, "train_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    save_bundle(out, net, config)
+    write_json(out / "metrics.json", {"split": "validation", "metrics": val_metrics, "thresholds": thresholds})
+    write_rows(out / "validation_predictions.csv", val_rows)
+    write_manifest(samples, out / "splits.csv")
+    shutil.rmtree(store.folder, ignore_errors=True)
+    return out

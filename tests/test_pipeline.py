@@ -1,0 +1,109 @@
+"""The whole pipeline on synthetic images: train -> bundle -> load -> predict / evaluate."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from respiscan.bundle import read_config
+from respiscan.data.samples import discover
+from respiscan.evaluation.evaluate import evaluate, pair_cases
+from respiscan.evaluation.metrics import binary_metrics
+from respiscan.predict import Pipeline
+from respiscan.training.loop import bf16_supported
+from respiscan.training.trainer import train
+
+from conftest import tiny_config
+
+
+def test_bundle_is_self_contained(bundle):
+    names = {p.name for p in bundle.iterdir()}
+    assert {"config.json", "model.safetensors", "metrics.json", "splits.csv", "validation_predictions.csv",
+            "logs"} <= names
+    assert ".stages" not in names
+    config = read_config(bundle)
+    assert config["model"]["modalities"] == ["xray", "ct"]
+    assert config["preprocess"]["size"] == 64 and config["preprocess"]["clahe_clip"] == 4.0
+    assert config["class_names"] == ["Non_COVID", "COVID"]
+    assert set(config["thresholds"]) == {"xray", "ct", "fused"}
+    assert config["data"]["fingerprint"]["n_samples"] == 48
+    assert "torch" in config["versions"]
+    logs = {p.stem for p in (bundle / "logs").iterdir()}
+    assert {"embedding_task_xray", "embedding_task_ct", "task_mlp_xray", "task_mlp_ct", "shared_plain",
+            "head_xray", "head_ct"} <= logs
+
+
+def test_validation_split_is_carved_from_train_grouped(bundle, synth_data):
+    rows = list(csv.DictReader(open(bundle / "splits.csv")))
+    original = {s.id: s.split for s in discover(synth_data)}
+    val = [r for r in rows if r["split"] == "val"]
+    assert val and all(original[r["id"]] == "train" for r in val)
+    assert [r["id"] for r in rows if r["split"] == "test"] == [i for i, s in original.items() if s == "test"]
+    for m in ("xray", "ct"):
+        train_groups = {r["group"] for r in rows if r["split"] == "train" and r["modality"] == m}
+        assert not train_groups & {r["group"] for r in val if r["modality"] == m}
+
+
+def test_round_trip_gives_the_training_probabilities(bundle, synth_data):
+    """Probabilities from the loaded bundle equal those the trainer computed before saving."""
+    saved = {r["id"]: float(r["probability"]) for r in csv.DictReader(open(bundle / "validation_predictions.csv"))}
+    pipe = Pipeline(bundle, bf16=bf16_supported())
+    samples = [s for s in discover(synth_data) if s.id in saved]
+    rows, skipped = pipe.predict_samples(samples)
+    assert not skipped and len(rows) == len(saved)
+    tol = 2e-2 if pipe.bf16 else 1e-5
+    for r in rows:
+        assert r["probability"] == pytest.approx(saved[r["id"]], abs=tol)
+
+
+def test_predict_one_case_each_way(bundle, synth_data):
+    pipe = Pipeline(bundle, bf16=False)
+    xray = synth_data / "X_Ray_Test" / "COVID"
+    name = sorted(p.name for p in xray.iterdir())[0]
+    ct = synth_data / "CT_Scan_Test" / "COVID" / name
+    both = pipe.predict(xray=xray / name, ct=ct)
+    only_x = pipe.predict(xray=xray / name)
+    only_ct = pipe.predict(ct=ct)
+    assert only_x["ct_probability"] is None and only_ct["xray_probability"] is None
+    assert both["xray_probability"] == pytest.approx(only_x["probability"])
+    assert both["probability"] == pytest.approx((only_x["probability"] + only_ct["probability"]) / 2)
+    assert both["label"] in ("COVID", "Non_COVID")
+    import cv2
+
+    array = cv2.imread(str(xray / name), cv2.IMREAD_GRAYSCALE)
+    assert pipe.predict(xray=array)["probability"] == pytest.approx(only_x["probability"], abs=1e-6)
+
+
+def test_evaluate_writes_consistent_metrics(bundle, synth_data, tmp_path):
+    results = evaluate(bundle, synth_data, tmp_path / "eval")
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    assert len(rows) == sum(1 for s in discover(synth_data) if s.split == "test")
+    for m in ("xray", "ct"):
+        mine = [r for r in rows if r["modality"] == m]
+        y = np.array([r["label"] == "COVID" for r in mine], int)
+        p = np.array([float(r["probability"]) for r in mine])
+        expected = binary_metrics(y, p, read_config(bundle)["thresholds"][m])
+        assert saved["modalities"][m]["confusion_matrix"] == expected["confusion_matrix"]
+        assert saved["modalities"][m]["roc_auc"] == pytest.approx(expected["roc_auc"])
+    assert results["fused"]["pairing"].startswith("patient") and results["fused"]["n_pairs"] == 6
+
+
+def test_pseudo_pairs_when_no_patient_link(synth_data):
+    from dataclasses import replace
+
+    samples = [replace(s, group=None) for s in discover(synth_data) if s.split == "test"]
+    pairs, how = pair_cases([s for s in samples if s.modality == "xray"], [s for s in samples if s.modality == "ct"])
+    assert "pseudo" in how and all(x.label == c.label for x, c in pairs) and len(pairs) == 6
+
+
+def test_same_seed_same_weights(synth_data, tmp_path):
+    a = train(synth_data, tmp_path / "a", tiny_config(shared="adversarial", seed=5))
+    b = train(synth_data, tmp_path / "b", tiny_config(shared="adversarial", seed=5))
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "logs" / "shared_adversarial.csv").read_text().startswith("epoch,gen_loss,disc_loss")
+    assert (a / "logs" / "shared_finetune.csv").is_file()
