@@ -1,7 +1,8 @@
 """The saved-model format: a folder with config.json (JSON, validated) and model.safetensors (never pickle).
 
 The config carries everything prediction needs (model structure, preprocessing, thresholds), so a bundle
-runs offline without the training data or the training code's state.
+runs offline without the training data or the training code's state. Reading the config needs no torch
+(the ONNX engine uses it); torch is imported only to save or read weights.
 """
 
 from __future__ import annotations
@@ -10,10 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
 from respiscan import __version__
 from respiscan.errors import RespiscanError
@@ -35,8 +32,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_bundle(out: Path, net: torch.nn.Module, config: dict[str, Any]) -> Path:
+def save_bundle(out: Path, net: "torch.nn.Module", config: dict[str, Any]) -> Path:
     """Write weights first, then the config that names their hash: a bundle is complete once config.json exists."""
+    from safetensors.torch import save
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
@@ -73,8 +72,11 @@ def read_config(bundle: Path) -> dict[str, Any]:
     return config
 
 
-def read_weights(bundle: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_weights(bundle: Path, config: dict[str, Any]) -> dict[str, "torch.Tensor"]:
     """The state dict, after checking the file's hash against the one recorded at save time."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(bundle) / WEIGHTS
     if not path.is_file():
         raise RespiscanError(f"{path}: missing weights file")

@@ -107,7 +107,7 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             typer.echo(f"label: {result['label']} (p = {result['probability']:.4f}, threshold {result['threshold']:.3f})")
         return
     from respiscan.data.samples import folder_samples, discover
-    from respiscan.predict import write_predictions
+    from respiscan.inference import write_predictions
 
     samples = folder_samples(data, modality) if modality else discover(data)
     rows, skipped = pipe.predict_samples(samples, strict=strict)
@@ -158,24 +158,11 @@ def _report_skipped(skipped: list[tuple[str, str]]) -> None:
 
 
 def main() -> None:
+    """Console entry point: click handles usage errors (exit 2); ours become one line and exit 2 too."""
     try:
-        app(standalone_mode=False)
+        app()
     except RespiscanError as e:
         if _state["debug"]:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise

@@ -9,7 +9,8 @@ Grey levels:
     RGB -> grey), and transparent pixels are composited on black, so that they read as air.
   * 16-bit, 32-bit integer and float images (grey or colour) are scaled by their own min/max to 0..255; a
     constant image becomes all zeros. NaN counts as the minimum, +-inf as the maximum/minimum.
-  * EXIF orientation is applied, so the array looks as the image does in a viewer.
+  * EXIF orientation is applied, so the array looks as the image does in a viewer. Multi-page TIFF gives
+    its first page.
   * DICOM: the modality LUT (RescaleSlope/RescaleIntercept) comes first. CT is then windowed in HU with
     DicomWindow (default lung window: -1350 HU -> 0, 150 HU -> 255). Other modalities use the file's own VOI
     LUT or WindowCenter/WindowWidth, else min/max, and MONOCHROME1 is inverted so air is dark as on
@@ -243,6 +244,10 @@ def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
+def _ct_window(hu: np.ndarray, window: DicomWindow) -> np.ndarray:
+    return _scale(hu, window.ct_center - window.ct_width / 2, window.ct_center + window.ct_width / 2)
+
+
 def _minmax_to_uint8(values: np.ndarray) -> np.ndarray:
     """Scale by the image's own finite min/max: images deeper than 8 bits have no fixed grey scale."""
     lo, hi = values.min(), values.max()
@@ -382,14 +387,15 @@ def _frame_to_uint8(pixels: np.ndarray, ds: Dataset, index: int, ct: bool, windo
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
     if pixels.ndim == 3:
-        return _to_grey_uint8(pixels)
-    values = apply_modality_lut(pixels, _functional_item(ds, index, "PixelValueTransformationSequence"))
-    if ct:
-        grey = _scale(values, window.ct_center - window.ct_width / 2, window.ct_center + window.ct_width / 2)
+        grey = _to_grey_uint8(pixels)
     else:
-        grey = _voi_to_uint8(values, ds)
-        if photometric == "MONOCHROME1":
-            grey = 255 - grey
+        values = apply_modality_lut(pixels, _functional_item(ds, index, "PixelValueTransformationSequence"))
+        if ct:
+            grey = _ct_window(values, window)
+        else:
+            grey = _voi_to_uint8(values, ds)
+            if photometric == "MONOCHROME1":
+                grey = 255 - grey
     orientation = _functional_item(ds, index, "PlaneOrientationSequence").get("ImageOrientationPatient")
     return _radiological(grey, orientation)
 
@@ -511,7 +517,7 @@ def _nifti_volume(path: Path, window: DicomWindow) -> np.ndarray:
     _check_size(path, shape[0], shape[1], shape[2])
     with _reading(path, "read NIfTI"):
         hu = nib.as_closest_canonical(nib.funcs.squeeze_image(img)).get_fdata(dtype=np.float32)
-    grey = _scale(hu, window.ct_center - window.ct_width / 2, window.ct_center + window.ct_width / 2)
+    grey = _ct_window(hu, window)
     # RAS+ axes are (to the patient's right, anterior, superior): radiological slices put the largest x on
     # the left and the largest y at the top
     return np.ascontiguousarray(grey.transpose(2, 1, 0)[:, ::-1, ::-1])

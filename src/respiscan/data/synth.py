@@ -45,11 +45,13 @@ def _ramp(x: np.ndarray, width: float) -> np.ndarray:
 def _ellipse(X: np.ndarray, Y: np.ndarray, cx: float, cy: float, rx: float, ry: float | np.ndarray,
              angle: float = 0.0, edge: float = 0.05, power: float = 2.0) -> np.ndarray:
     """Soft (super-)ellipse: 1 inside, 0 outside, edge width `edge` in units of the radius."""
-    c, s = float(np.cos(angle)), float(np.sin(angle))  # Python floats keep the maths in float32
-    dx, dy = X - float(cx), Y - float(cy)
-    u, v = (c * dx + s * dy) / rx, (c * dy - s * dx) / ry
-    r = np.sqrt(u * u + v * v) if power == 2.0 else (np.abs(u) ** power + np.abs(v) ** power) ** (1 / power)
-    return _ramp(1.0 - r, edge)
+    dx, dy = X - float(cx), Y - float(cy)  # Python floats keep the maths in float32
+    if angle:
+        c, s = float(np.cos(angle)), float(np.sin(angle))
+        dx, dy = c * dx + s * dy, c * dy - s * dx
+    u, v = dx / rx, dy / ry
+    q = u * u + v * v if power == 2.0 else np.abs(u) ** power + np.abs(v) ** power
+    return _ramp((1.0 - q) / power, edge)  # (1 - r**p) / p ~ 1 - r at the rim, and needs no root
 
 
 def _smooth_noise(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
@@ -62,16 +64,19 @@ def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (0, 0), sigmaX=max(sigma_px, 0.3))
 
 
-def _px(point: np.ndarray, size: int) -> tuple[int, int]:
-    """Normalised point -> cv2 fixed-point pixel coordinates (shift=4), for sub-pixel line placement."""
-    return int(round((point[0] * size - 0.5) * 16)), int(round((point[1] * size - 0.5) * 16))
+def _px(points: np.ndarray, size: int) -> np.ndarray:
+    """Normalised points -> cv2 fixed-point pixel coordinates (shift=4), for sub-pixel placement."""
+    return np.rint((np.asarray(points) * size - 0.5) * 16).astype(int)
 
 
 def _lines(size: int, segments: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
     """Anti-aliased line segments (start, end, width as a fraction of the image) as a float layer in [0, 1]."""
     canvas = np.zeros((size, size), np.uint8)
-    for start, end, width in segments:
-        cv2.line(canvas, _px(start, size), _px(end, size), 255, max(1, round(width * size)), cv2.LINE_AA, 4)
+    if segments:
+        starts, ends, widths = zip(*segments)
+        thickness = np.maximum(1, np.rint(np.array(widths) * size)).astype(int).tolist()
+        for a, b, t in zip(_px(starts, size).tolist(), _px(ends, size).tolist(), thickness):
+            cv2.line(canvas, a, b, 255, t, cv2.LINE_AA, 4)
     return canvas.astype(np.float32) / 255.0
 
 
@@ -115,9 +120,9 @@ def _blob(size: int, center: np.ndarray, r: float, lobules: int, rng: np.random.
     """Filled, overlapping random ellipses (uint8 layer, 255 inside): the outline of an irregular lesion."""
     canvas = np.zeros((size, size), np.uint8)
     for _ in range(lobules):
-        x, y = _px(center + rng.uniform(-0.6, 0.6, 2) * r * (lobules > 1), size)
-        ax, ay = (round(a * r * size * 16) for a in rng.uniform(0.5, 0.9, 2))
-        cv2.ellipse(canvas, (x, y), (ax, ay), rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA, 4)
+        xy = _px(center + rng.uniform(-0.6, 0.6, 2) * r * (lobules > 1), size).tolist()
+        axes = np.rint(rng.uniform(0.5, 0.9, 2) * r * size * 16).astype(int).tolist()
+        cv2.ellipse(canvas, xy, axes, rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA, 4)
     return canvas
 
 
@@ -147,7 +152,7 @@ def _consolidation(lung: np.ndarray, hilum: np.ndarray, prefer: np.ndarray,
     center = _pick(lung, 0.05 * size, size, prefer, rng)
     fissure = center[1] - rng.uniform(0.02, 0.08) + rng.uniform(-0.5, 0.5) * (X - center[0])
     linear = _ellipse(X, Y, center[0], center[1] + 0.05, rng.uniform(0.12, 0.28), rng.uniform(0.12, 0.25),
-                      rng.uniform(0, np.pi), edge=1.0)  # = 1.5 - r near the rim: room for a ragged outline
+                      rng.uniform(0, np.pi), edge=1.0)  # ~ 1.5 - r near the rim: room for a ragged outline
     fill = _ramp(linear - 0.5 + 0.15 * _smooth_noise(size, 8, rng), 0.08)
     region = _ramp(lung - 0.5, 0.25) * _ramp(Y - fissure, 0.006) * fill
     outward = center - hilum
@@ -246,7 +251,7 @@ def _xray(covid: bool, size: int, rng: np.random.Generator) -> tuple[np.ndarray,
             _vessel_tree(hilum, direction, rng.uniform(0.06, 0.09), 0.008, 3, rng, segments)
     lung_map += rng.uniform(0.05, 0.09) * _blur(_lines(size, segments), 0.6 * size / 224)
     img = img + (lung_map - img) * lung * 0.95
-    img, mask = _findings(img, covid, lungs, tuple(hila), tissue + 0.05, (0.06, 0.3), (0.05, 0.12), rng)
+    img, mask = _findings(img, covid, lungs, tuple(hila), tissue + 0.05, (0.08, 0.35), (0.05, 0.12), rng)
     img = img + (tissue + 0.1 - img) * below * rng.uniform(0.85, 1.0)
     bubble = _ellipse(X, Y, mid + 0.2, dome_l + 0.06, 0.05, 0.03, edge=0.5) * below
     img -= rng.uniform(0.0, 0.12) * bubble
@@ -329,7 +334,7 @@ def _ct(covid: bool, size: int, rng: np.random.Generator) -> tuple[np.ndarray, n
     lung_map += (muscle * rng.uniform(0.8, 1.0) - lung_map) * vessels
     img = img + (lung_map - img) * lung
 
-    img, mask = _findings(img, covid, tuple(lungs), tuple(hila), muscle, (0.06, 0.3), (0.03, 0.08), rng)
+    img, mask = _findings(img, covid, tuple(lungs), tuple(hila), muscle, (0.08, 0.35), (0.04, 0.1), rng)
     return _finish(img, mask, rng, (6.0, (0.92, 1.05), 0.03), (0.01, 0.03), (0.4, 0.9))
 
 

@@ -9,7 +9,8 @@ import numpy as np
 from respiscan.data.samples import CLASS_NAMES, Sample, discover
 from respiscan.errors import RespiscanError
 from respiscan.evaluation.metrics import binary_metrics
-from respiscan.predict import Pipeline, fuse
+from respiscan.inference import fuse
+from respiscan.predict import Pipeline
 from respiscan.utils import write_json, write_rows
 
 

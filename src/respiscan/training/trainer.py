@@ -7,10 +7,13 @@ adversarial) over both modalities -> head per modality. Each finished stage is s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +36,42 @@ XRAY, CT = MODALITIES
 
 
 class StageStore:
-    """Finished stages as safetensors files; a stage found here is loaded instead of trained."""
+    """Finished stages as safetensors files; a stage found here is loaded instead of trained.
 
-    def __init__(self, folder: Path, resume: bool):
+    A stage's file name carries a hash of everything it depends on (data, seed, settings of it and of the
+    stages before it), so a changed configuration never picks up a stale stage, and runs that differ only in
+    later stages (e.g. shared plain vs adversarial) reuse the earlier ones.
+    """
+
+    def __init__(self, folder: Path, clear: bool):
         self.folder = folder
-        if folder.exists() and not resume:
+        if folder.exists() and clear:
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, name: str) -> Path:
-        return self.folder / f"{name}.safetensors"
+    @staticmethod
+    def key(name: str, *depends_on: object) -> str:
+        digest = hashlib.sha1(json.dumps(depends_on, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return f"{name}-{digest}"
 
-    def load_module(self, name: str, module: nn.Module) -> bool:
-        if not self._path(name).is_file():
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def load_module(self, key: str, module: nn.Module) -> bool:
+        if not self._path(key).is_file():
             return False
-        module.load_state_dict(load_file(str(self._path(name))))
-        log.info("resumed stage %s", name)
+        module.load_state_dict(load_file(str(self._path(key))))
+        log.info("reusing finished stage %s", key)
         return True
 
-    def save_module(self, name: str, module: nn.Module) -> None:
-        self.save_tensors(name, module.state_dict())
+    def save_module(self, key: str, module: nn.Module) -> None:
+        self.save_tensors(key, module.state_dict())
 
-    def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
-        return load_file(str(self._path(name))) if self._path(name).is_file() else None
+    def load_tensors(self, key: str) -> dict[str, torch.Tensor] | None:
+        return load_file(str(self._path(key))) if self._path(key).is_file() else None
 
-    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with atomic_write(self._path(name), "wb") as f:
+    def save_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        with atomic_write(self._path(key), "wb") as f:
             f.write(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
@@ -68,8 +81,12 @@ def _split(samples: list[Sample], images: np.ndarray, modality: str, split: str)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, *, strict: bool = False,
-          resume: bool = False, cache_dir: str | Path | None = None) -> Path:
-    """Train every stage on DATA's train split (validation carved from it) and write a bundle to OUT."""
+          resume: bool = False, cache_dir: str | Path | None = None, stages_dir: str | Path | None = None) -> Path:
+    """Train every stage on DATA's train split (validation carved from it) and write a bundle to OUT.
+
+    `resume` reuses the finished stages in OUT/.stages; `stages_dir` names a folder of stages kept and
+    shared between runs (used by `significance`, which trains several configurations on the same data).
+    """
     cfg = config or preset("fast")
     out = Path(out)
     t_start = time.perf_counter()
@@ -79,7 +96,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     fit_samples = [s for s in samples if s.split in ("train", "val")]
     cfg.model.modalities = [m for m in MODALITIES if any(s.modality == m for s in fit_samples)]
     net = MMTLNet(cfg.model, pretrained=cfg.pretrained)
-    store = StageStore(out / ".stages", resume)
+    store = StageStore(Path(stages_dir) if stages_dir else out / ".stages", clear=not (resume or stages_dir))
     logs = out / "logs"
     images, fit_samples, skipped = load_dataset_images(
         fit_samples, cfg.preprocess, strict=strict, cache_dir=Path(cache_dir) if cache_dir else None)
@@ -91,20 +108,31 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     splits = {(m, sp): _split(fit_samples, images, m, sp) for m in cfg.model.modalities for sp in ("train", "val")}
     del images
 
+    data_fingerprint = fingerprint(samples)
+    base = (data_fingerprint["samples_sha256"], cfg.seed, cfg.val_fraction, cfg.preprocess.to_dict(),
+            str(cfg.pretrained), cfg.augment, asdict(cfg.backbone_fit))
+    keys = {name: store.key(name, base, backbone) for name, backbone in (
+        (k, e.backbone.default_cfg.get("architecture")) for k, e in net.embedders.items())}
+    mlp = (keys, asdict(cfg.mlp_fit))
+    keys.update({f"task_mlp_{m}": store.key(f"task_mlp_{m}", mlp) for m in cfg.model.modalities})
+    shared_settings = (mlp, cfg.model.shared, cfg.adversarial_epochs, cfg.adversarial_finetune)
+    keys["shared"] = store.key(f"shared_{cfg.model.shared}", shared_settings)
+    keys.update({f"head_{m}": store.key(f"head_{m}", shared_settings) for m in cfg.model.modalities})
+
     # Stage 1: embedding models, then the embeddings they give (cached: the later stages train on these).
     emb: dict[tuple[str, str], torch.Tensor] = {}
     for key, embedder in net.embedders.items():
         modality = key.split("_", 1)[1]
-        if not store.load_module(key, embedder):
+        if not store.load_module(keys[key], embedder):
             train_embedder(embedder, splits[modality, "train"], splits[modality, "val"], cfg.backbone_fit,
                            frozen=frozen, augment=cfg.augment, bf16=bf16, seed=cfg.seed,
                            log_path=logs / f"embedding_{key}.csv", desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})")
-            store.save_module(key, embedder)
-        cached = store.load_tensors(f"embeddings_{key}")
+            store.save_module(keys[key], embedder)
+        cached = store.load_tensors(f"embeddings_{keys[key]}")
         if cached is None:
             cached = {sp: embed_images(embedder, splits[modality, sp][0], bf16, desc=f"embed {key} {sp}")
                       for sp in ("train", "val")}
-            store.save_tensors(f"embeddings_{key}", cached)
+            store.save_tensors(f"embeddings_{keys[key]}", cached)
         for sp, tensor in cached.items():
             emb[key, sp] = tensor
     labels = {(m, sp): splits[m, sp][1] for m in cfg.model.modalities for sp in ("train", "val")}
@@ -112,14 +140,14 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
 
     # Stage 2: task-specific MLP per modality.
     for m in cfg.model.modalities:
-        if not store.load_module(f"task_mlp_{m}", net.task[m]):
+        if not store.load_module(keys[f"task_mlp_{m}"], net.task[m]):
             train_classifier(net.task[m], emb[f"task_{m}", "train"], labels[m, "train"], emb[f"task_{m}", "val"],
                              labels[m, "val"], cfg.mlp_fit, seed=cfg.seed, log_path=logs / f"task_mlp_{m}.csv",
                              desc=f"task-specific MLP {m}")
-            store.save_module(f"task_mlp_{m}", net.task[m])
+            store.save_module(keys[f"task_mlp_{m}"], net.task[m])
 
     # Stage 3: shared MLP over both modalities.
-    if net.shared is not None and not store.load_module("shared", net.shared):
+    if net.shared is not None and not store.load_module(keys["shared"], net.shared):
         both = {sp: (torch.cat([emb[shared_key[m], sp] for m in cfg.model.modalities]),
                      torch.cat([labels[m, sp] for m in cfg.model.modalities]),
                      torch.cat([torch.full((len(labels[m, sp]),), float(m == XRAY)) for m in cfg.model.modalities]))
@@ -134,7 +162,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
             finetune_adversarial(net.shared, (both["train"][0], both["train"][target]),
                                  (both["val"][0], both["val"][target]), cfg.mlp_fit, seed=cfg.seed,
                                  log_path=logs / "shared_finetune.csv")
-        store.save_module("shared", net.shared)
+        store.save_module(keys["shared"], net.shared)
 
     # Stage 4: heads on [task-specific ; shared].
     net.eval()
@@ -144,10 +172,10 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
             task_e, shared_e = emb[f"task_{m}", sp], emb[shared_key[m], sp]
             with torch.no_grad():
                 head_x[m, sp] = net.head_features(m, task_e, shared_e)
-        if not store.load_module(f"head_{m}", net.heads[m]):
+        if not store.load_module(keys[f"head_{m}"], net.heads[m]):
             train_classifier(net.heads[m], head_x[m, "train"], labels[m, "train"], head_x[m, "val"], labels[m, "val"],
                              cfg.mlp_fit, seed=cfg.seed, log_path=logs / f"head_{m}.csv", desc=f"head {m}")
-            store.save_module(f"head_{m}", net.heads[m])
+            store.save_module(keys[f"head_{m}"], net.heads[m])
     net.eval()
 
     # Validation probabilities -> operating thresholds and validation metrics (never the test split).
@@ -168,7 +196,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         "model": cfg.model.to_dict(), "preprocess": cfg.preprocess.to_dict(), "class_names": list(CLASS_NAMES),
         "positive_class": "COVID", "thresholds": thresholds, "fusion": "mean of the per-modality probabilities",
         "training": cfg.to_dict(), "versions": package_versions(),
-        "data": {"path": str(Path(data).resolve()), "fingerprint": fingerprint(samples), "counts": dict(sorted(counts.items())),
+        "data": {"path": str(Path(data).resolve()), "fingerprint": data_fingerprint, "counts": dict(sorted(counts.items())),
                  "skipped": [{"id": i, "reason": r} for i, r in skipped]},
         "validation_metrics": val_metrics, "train_seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -176,5 +204,6 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     write_json(out / "metrics.json", {"split": "validation", "metrics": val_metrics, "thresholds": thresholds})
     write_rows(out / "validation_predictions.csv", val_rows)
     write_manifest(samples, out / "splits.csv")
-    shutil.rmtree(store.folder, ignore_errors=True)
+    if not stages_dir:
+        shutil.rmtree(store.folder, ignore_errors=True)
     return out

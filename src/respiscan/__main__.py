@@ -1,0 +1,3 @@
+from respiscan.cli import main
+
+main()

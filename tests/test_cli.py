@@ -1,0 +1,106 @@
+"""The CLI end to end (train -> predict -> evaluate) and its error paths: one line, exit code 2."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from respiscan.cli import main
+
+
+def run(argv, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["respiscan", *map(str, argv)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _pair(data):
+    name = sorted(p.name for p in (data / "X_Ray_Test" / "COVID").iterdir())[0]
+    return data / "X_Ray_Test" / "COVID" / name, data / "CT_Scan_Test" / "COVID" / name
+
+
+def test_predict_json_one_case(bundle, synth_data, capsys, monkeypatch):
+    xray, ct = _pair(synth_data)
+    code, out, _ = run(["predict", bundle, "--xray", xray, "--ct", ct, "--json"], capsys, monkeypatch)
+    assert code == 0
+    result = json.loads(out)
+    assert {"xray_probability", "ct_probability", "probability", "label"} <= set(result)
+    assert result["probability"] == pytest.approx((result["xray_probability"] + result["ct_probability"]) / 2)
+
+
+def test_predict_batch_and_evaluate(bundle, synth_data, tmp_path, capsys, monkeypatch):
+    code, out, _ = run(["predict", bundle, "--data", synth_data, "--out", tmp_path / "p.csv"], capsys, monkeypatch)
+    assert code == 0 and "48 predictions written" in out
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 48 and set(rows[0]) == {"id", "path", "modality", "probability", "prediction"}
+    code, out, _ = run(["predict", bundle, "--data", synth_data / "CT_Scan_Test", "--modality", "ct",
+                        "--out", tmp_path / "ct.csv"], capsys, monkeypatch)
+    assert code == 0 and len(list(csv.DictReader(open(tmp_path / "ct.csv")))) == 6
+    code, out, _ = run(["evaluate", bundle, synth_data, "--out", tmp_path / "eval"], capsys, monkeypatch)
+    assert code == 0 and "AUC=" in out and (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_train_cli_writes_bundle(synth_data, tmp_path, capsys, monkeypatch):
+    code, out, _ = run(["train", synth_data, "--out", tmp_path / "b", "--preset", "tiny", "--backbone", "test_resnet",
+                        "--image-size", "48", "--epochs", "1", "--shared", "none"], capsys, monkeypatch)
+    assert code == 0, out
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["model"]["shared"] == "none" and config["preprocess"]["size"] == 48
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "{bundle}", "--xray", "{tmp}/missing.png"], "missing.png: "),
+    (["predict", "{bundle}", "--xray", "{tmp}/text.png"], "text.png: "),
+    (["predict", "{tmp}", "--xray", "{tmp}/text.png"], "config.json: missing"),
+    (["predict", "{bundle}"], "give --xray and/or --ct"),
+    (["train", "{tmp}/empty", "--out", "{tmp}/b"], "no images found"),
+    (["train", "{tmp}/oneclass", "--out", "{tmp}/b"], "only one class"),
+    (["train", "{data}", "--out", "{tmp}/b", "--backbone", "resnet_nope"], "unknown backbone 'resnet_nope'"),
+    (["train", "{tmp}/nope", "--out", "{tmp}/b"], "nope: no such file"),
+    (["evaluate", "{bundle}", "{tmp}/empty"], "no images found"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, bundle, synth_data, tmp_path, capsys, monkeypatch):
+    import cv2
+    import numpy as np
+
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    for split in ("X_Ray_Train", "X_Ray_Test"):
+        (tmp_path / "oneclass" / split / "COVID").mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "oneclass" / split / "COVID" / "a.png"), np.zeros((8, 8), np.uint8))
+    argv = [a.format(bundle=bundle, tmp=tmp_path, data=synth_data) for a in argv]
+    code, out, err = run(argv, capsys, monkeypatch)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_console_script_help_and_usage_error():
+    exe = [sys.executable, "-m", "respiscan"]
+    done = subprocess.run([*exe, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for command in ("demo", "synth", "train", "predict", "evaluate", "preprocess"):
+        assert command in done.stdout
+    bad = subprocess.run([*exe, "predict"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_preprocess_writes_copies_and_refuses_to_overwrite(synth_data, tmp_path, capsys, monkeypatch):
+    code, out, _ = run(["preprocess", synth_data, tmp_path / "pre", "--size", "32"], capsys, monkeypatch)
+    assert code == 0
+    from respiscan.data.samples import discover
+
+    copies = discover(tmp_path / "pre")
+    assert len(copies) == 48 and {s.id for s in copies} == {s.id for s in discover(synth_data)}
+    import cv2
+
+    assert cv2.imread(str(copies[0].path), cv2.IMREAD_GRAYSCALE).shape == (32, 32)
+    code, _, err = run(["preprocess", synth_data, synth_data / "out"], capsys, monkeypatch)
+    assert code == 2 and "outside the data folder" in err
