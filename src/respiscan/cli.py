@@ -60,6 +60,7 @@ def train(data: Path = typer.Argument(..., help="Data folder (reference layout, 
           weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file, or a folder of <backbone>.* files."),
           seed: int = typer.Option(0), strict: bool = typer.Option(False, help="Fail on unreadable images."),
           resume: bool = typer.Option(False, help="Continue from the last finished stage in OUT."),
+          device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
           cache_dir: Optional[Path] = typer.Option(None, help="Keep preprocessed images here between runs.")) -> None:
     """Train every stage and write a self-contained bundle."""
     from respiscan.training.config import preset as make_preset
@@ -77,7 +78,7 @@ def train(data: Path = typer.Argument(..., help="Data folder (reference layout, 
     if epochs:
         cfg.backbone_fit.epochs = epochs
     cfg.pretrained = str(weights) if weights else pretrained
-    bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir)
+    bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
     typer.echo(f"bundle written to {bundle}")
 
 
@@ -89,13 +90,14 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             modality: Optional[str] = typer.Option(None, help="Modality of a plain image folder given to --data."),
             out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv)."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per case."),
+            engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
             strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
     """Predict one case (--xray and/or --ct) or a batch (--data)."""
-    from respiscan.predict import Pipeline
+    from respiscan.onnx_engine import open_pipeline
 
     if data is None and xray is None and ct is None:
         raise RespiscanError("give --xray and/or --ct, or --data for a batch")
-    pipe = Pipeline(bundle)
+    pipe = open_pipeline(bundle, engine)
     if data is None:
         result = pipe.predict(xray=xray, ct=ct)
         if as_json:
@@ -144,6 +146,52 @@ def demo(out: Path = typer.Option(Path("respiscan-demo"), help="Folder for the d
     from respiscan.demo import run_demo
 
     run_demo(out, n_per_class=n_per_class, seed=seed)
+
+
+@app.command()
+def export(bundle: Path = typer.Argument(..., help="Bundle folder."),
+           opset: int = typer.Option(17, help="ONNX opset.")) -> None:
+    """Write the bundle's network as ONNX graphs (one per modality) for fast, torch-free prediction."""
+    from respiscan.export import export_onnx
+
+    for modality, path in export_onnx(bundle, opset=opset).items():
+        typer.echo(f"{modality}: {path}")
+
+
+@app.command()
+def inspect(xray: Path = typer.Argument(..., help="One chest X-ray image."),
+            ct: Path = typer.Argument(..., help="One CT slice image."),
+            out: Path = typer.Option(Path("panel.png"), help="PNG to write.")) -> None:
+    """The reference's sample-processing panel (thresholds, blurs, morphology, edges, equalisation)."""
+    from respiscan.data.io import read_image
+    from respiscan.evaluation.inspect_panel import sample_panel
+
+    typer.echo(f"panel written to {sample_panel(read_image(xray, 'xray'), read_image(ct, 'ct'), out)}")
+
+
+@app.command()
+def info(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
+    """What a bundle is: model, preprocessing, thresholds, training data fingerprint, versions, metrics."""
+    from respiscan.bundle import read_config
+
+    config = read_config(bundle)
+    model = config["model"]
+    typer.echo(f"bundle        {bundle} (format {config['format_version']}, respiscan {config.get('respiscan_version')})")
+    typer.echo(f"modalities    {', '.join(model['modalities'])}")
+    typer.echo(f"backbones     task {model['task_backbones']}; shared {model.get('shared_backbones') or 'same as task'}")
+    typer.echo(f"shared MLP    {model['shared']}")
+    typer.echo(f"preprocess    {config['preprocess']}")
+    typer.echo(f"thresholds    {config['thresholds']} (chosen on validation)")
+    data = config.get("data", {})
+    typer.echo(f"data          {data.get('path')}  {data.get('fingerprint')}")
+    typer.echo(f"data counts   {data.get('counts')}")
+    if data.get("skipped"):
+        typer.echo(f"skipped       {len(data['skipped'])} unreadable image(s)")
+    typer.echo(f"training      seed {config.get('training', {}).get('seed')}, {config.get('train_seconds')} s")
+    typer.echo(f"versions      {config.get('versions')}")
+    for m, metrics in config.get("validation_metrics", {}).items():
+        typer.echo(f"validation    {m}: AUC {_fmt(metrics.get('roc_auc'))}, accuracy {_fmt(metrics.get('accuracy'))}")
+    typer.echo(f"weights       sha256 {config['weights_sha256']}")
 
 
 def _fmt(v: float | None) -> str:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import cv2
-import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -510,6 +509,8 @@ def _nifti_volume(path: Path, window: DicomWindow) -> np.ndarray:
     with _opened(path):  # the same one-line errors as every other reader for missing, unreadable, empty files
         pass
     with _reading(path, "read NIfTI"):
+        import nibabel as nib  # only for NIfTI: keeps the one-image prediction path fast
+
         img = nib.load(path)
         shape = tuple(int(n) for n in img.shape)
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):

@@ -188,7 +188,7 @@ def _findings(img: np.ndarray, covid: bool, lungs: tuple[np.ndarray, np.ndarray]
     return img + (level - img) * nodule, mask
 
 
-def _finish(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, warp: tuple[float, tuple, float],
+def _finish(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, warp: tuple[float, tuple[float, float], float],
             noise: tuple[float, float], blur: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Positioning warp, contrast/gamma, blur and detector noise, then quantise to uint8."""
     size = img.shape[0]
@@ -251,7 +251,7 @@ def _xray(covid: bool, size: int, rng: np.random.Generator) -> tuple[np.ndarray,
             _vessel_tree(hilum, direction, rng.uniform(0.06, 0.09), 0.008, 3, rng, segments)
     lung_map += rng.uniform(0.05, 0.09) * _blur(_lines(size, segments), 0.6 * size / 224)
     img = img + (lung_map - img) * lung * 0.95
-    img, mask = _findings(img, covid, lungs, tuple(hila), tissue + 0.05, (0.08, 0.35), (0.05, 0.12), rng)
+    img, mask = _findings(img, covid, lungs, tuple(hila), tissue + 0.05, (0.1, 0.4), (0.05, 0.12), rng)
     img = img + (tissue + 0.1 - img) * below * rng.uniform(0.85, 1.0)
     bubble = _ellipse(X, Y, mid + 0.2, dome_l + 0.06, 0.05, 0.03, edge=0.5) * below
     img -= rng.uniform(0.0, 0.12) * bubble
@@ -319,12 +319,12 @@ def _ct(covid: bool, size: int, rng: np.random.Generator) -> tuple[np.ndarray, n
 
     lung_val = rng.uniform(0.06, 0.12)
     lung_map = lung_val + 0.03 * (Y - cy) / ry + 0.015 * _smooth_noise(size, 10, rng)  # dependent-zone density
-    binary = np.flatnonzero(lung.ravel() > 0.5)
-    points = np.stack([(binary % size + 0.5) / size, (binary // size + 0.5) / size], axis=1)
-    near = np.exp(-np.min([np.hypot(*(points - h).T) for h in hila], axis=0) / 0.12)
-    chosen = points[rng.choice(len(points), rng.integers(40, 80), p=near / near.sum())]
+    inside = np.flatnonzero(lung.ravel() > 0.5)
+    points = np.stack([(inside % size + 0.5) / size, (inside // size + 0.5) / size], axis=1)
+    near = np.exp(-np.min([np.hypot(*(points - h).T) for h in hila], axis=0) / 0.12)  # vessels thin outwards
+    chosen = rng.choice(len(points), rng.integers(40, 80), p=near / near.sum())
     segments = []
-    for p, closeness in zip(chosen, np.exp(-np.min([np.hypot(*(chosen - h).T) for h in hila], axis=0) / 0.12)):
+    for p, closeness in zip(points[chosen], near[chosen]):
         width = 0.004 + 0.01 * closeness * rng.uniform(0.5, 1.0)
         outward = p - hila[int(p[0] > cx)]
         direction = outward / max(np.hypot(*outward), 1e-6)
@@ -366,11 +366,13 @@ def generate(out: str | Path, n_per_class: int, size: int = 224, seed: int = 0, 
     """Writes the reference folder layout under `out` and returns `out`."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RespiscanError(f"{out}: output folder exists and is not empty; choose a new or empty folder")
+        raise RespiscanError(f"{out}: already exists and is not an empty folder; choose a new or empty folder")
     if n_per_class < 2:
         raise RespiscanError(f"synthetic data: n_per_class={n_per_class}; need at least 2 (one train, one test)")
     if not 0.0 <= test_fraction < 1.0:
         raise RespiscanError(f"synthetic data: test_fraction={test_fraction}; must be in [0, 1)")
+    if seed < 0:
+        raise RespiscanError(f"synthetic data: seed={seed}; must be 0 or more")
     n_test = min(max(1, round(n_per_class * test_fraction)), n_per_class - 1)
     patients = _patients(n_per_class, n_test, seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -165,7 +165,7 @@ def _runs(values, name: str) -> np.ndarray:
     return runs
 
 
-def _mean_ci(values: np.ndarray, confidence: float) -> tuple[float, float]:
+def mean_ci(values: np.ndarray, confidence: float) -> tuple[float, float]:
     """Student-t CI of the mean over runs (seeds)."""
     half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
     mean = float(np.mean(values))
@@ -184,7 +184,7 @@ def anova_over_runs(metric_by_config: dict[str, list[float]], confidence: float 
         raise RespiscanError("ANOVA needs at least 2 configurations")
     runs = {name: _runs(values, f"configuration {name!r}") for name, values in metric_by_config.items()}
     per_config = {name: {"n": len(v), "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)),
-                         "ci": _mean_ci(v, confidence)} for name, v in runs.items()}
+                         "ci": mean_ci(v, confidence)} for name, v in runs.items()}
     best = max(per_config, key=lambda name: per_config[name]["mean"])
     best_text = (f"highest mean {metric}: {best} ({per_config[best]['mean']:.3f}, {100 * confidence:g}% CI "
                  f"{per_config[best]['ci'][0]:.3f} to {per_config[best]['ci'][1]:.3f})")
@@ -215,7 +215,7 @@ def paired_runs_test(a: list[float], b: list[float], confidence: float = 0.95,
         raise RespiscanError(f"paired runs need equal lengths; got {len(a)} and {len(b)}")
     difference = np.where(np.abs(a - b) <= _NOISE, 0.0, a - b)
     mean_difference = float(difference.mean())
-    ci = _mean_ci(difference, confidence)
+    ci = mean_ci(difference, confidence)
     t_stat = t_p = w_stat = w_p = None
     if np.ptp(difference) > _NOISE:  # the paired t-test is the one-sample t-test of the differences
         t_stat, t_p = (float(v) for v in stats.ttest_1samp(difference, 0.0))

@@ -30,6 +30,27 @@ def autocast(enabled: bool, device: torch.device | str = "cpu"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1', or 'auto' (CUDA when present); asking for a missing GPU is a clear error."""
+    from respiscan.errors import RespiscanError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise RespiscanError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise RespiscanError(f"device {name!r} was asked for but this machine has no such CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise RespiscanError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def auc(y: np.ndarray, score: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -103,11 +124,12 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator | None = Non
 
 @torch.no_grad()
 def predict_logits(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 256,
-                   bf16: bool = False) -> np.ndarray:
+                   bf16: bool = False, device: torch.device | str = "cpu") -> np.ndarray:
+    """Batched logits on `device`, returned as a CPU float32 array."""
     out = []
     for idx in minibatches(len(x), batch_size):
-        with autocast(bf16):
-            out.append(fn(x[idx]).float())
+        with autocast(bf16, device):
+            out.append(fn(x[idx].to(device)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
@@ -140,8 +162,9 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
                      desc: str = "train") -> FitResult:
     """Fit `model(x) -> logit` with BCE; model selection on validation AUC (never on test)."""
     gen = torch.Generator().manual_seed(seed)
+    device = device_of(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     steps_per_epoch = max(1, len(x_train) // settings.batch_size)
     scheduler = warmup_cosine(optimizer, settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch)
     y_train = y_train.float()
@@ -152,9 +175,9 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         for idx in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
                         disable=steps_per_epoch < 20):
             xb = augment(x_train[idx], gen) if augment else x_train[idx]
-            with autocast(bf16):
-                logits = model(xb).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y_train[idx])
+            with autocast(bf16, device):
+                logits = model(xb.to(device, non_blocking=True)).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y_train[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,7 +187,7 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         return {"train_loss": total / max(count, 1), "lr": scheduler.get_last_lr()[0]}
 
     def validate() -> dict[str, float]:
-        logits = predict_logits(model, x_val, bf16=bf16)
+        logits = predict_logits(model, x_val, bf16=bf16, device=device)
         yv = y_val.numpy()
         loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), y_val.float()).item()
         return {"val_loss": loss, "val_auc": auc(yv, logits), "val_acc": float(((logits > 0) == yv).mean())}

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from respiscan.models.backbone import EmbeddingNet
 from respiscan.models.mlp import AdversarialSharedMLP
-from respiscan.training.loop import ClassifierFit, FitResult, auc, autocast, fit, minibatches, train_classifier
+from respiscan.training.loop import ClassifierFit, FitResult, auc, autocast, device_of, fit, minibatches, train_classifier
 
 
 def random_affine(images: torch.Tensor, gen: torch.Generator, max_rotate: float = 10.0, max_scale: float = 0.1,
@@ -46,10 +46,11 @@ class _DenseOnFeatures(nn.Module):
 @torch.no_grad()
 def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64, desc: str = "features") -> torch.Tensor:
     net.eval()
+    device = device_of(net)
     out = []
     for idx in tqdm(list(minibatches(len(images), batch_size)), desc=desc, unit="batch", leave=False):
-        with autocast(bf16):
-            out.append(net.features(images[idx]).float())
+        with autocast(bf16, device):
+            out.append(net.features(images[idx].to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, net.backbone.num_features)
 
 
@@ -73,10 +74,11 @@ def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], 
 def embed_images(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64, desc: str = "embed") -> torch.Tensor:
     """The 1280-d embeddings (LeakyReLU output) of a set of preprocessed images."""
     net.eval()
+    device = device_of(net)
     out = []
     for idx in tqdm(list(minibatches(len(images), batch_size)), desc=desc, unit="batch", leave=False):
-        with autocast(bf16):
-            out.append(net.embed(images[idx]).float())
+        with autocast(bf16, device):
+            out.append(net.embed(images[idx].to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, net.dense.out_features)
 
 
@@ -86,16 +88,17 @@ def train_adversarial(shared: AdversarialSharedMLP, emb: torch.Tensor, modality:
     """Generator vs modality discriminator (X-ray 1, CT 0): the generator learns to make the discriminator
     see the inverted modality, which pushes its output towards modality-invariant features."""
     gen = torch.Generator().manual_seed(seed)
+    device = device_of(shared)
     g, d = shared.generator, shared.discriminator
-    opt_g = torch.optim.AdamW(g.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    opt_d = torch.optim.AdamW(d.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    opt_g = torch.optim.AdamW(g.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
+    opt_d = torch.optim.AdamW(d.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     modality, modality_val = modality.float(), modality_val.float()
 
     def train_epoch(epoch: int) -> dict[str, float]:
         sums = np.zeros(2)
         count = 0
         for idx in minibatches(len(emb), settings.batch_size, gen):
-            x, m = emb[idx], modality[idx]
+            x, m = emb[idx].to(device), modality[idx].to(device)
             d_loss = F.binary_cross_entropy_with_logits(d(g(x).detach()), m)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -109,7 +112,7 @@ def train_adversarial(shared: AdversarialSharedMLP, emb: torch.Tensor, modality:
         return {"gen_loss": sums[0] / count, "disc_loss": sums[1] / count}
 
     def validate() -> dict[str, float]:
-        logits = d(g(emb_val)).numpy()
+        logits = d(g(emb_val.to(device))).cpu().numpy()
         m = modality_val.numpy()
         return {"val_disc_acc": float(((logits > 0) == m).mean()), "val_disc_auc": auc(m, logits)}
 

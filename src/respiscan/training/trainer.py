@@ -27,7 +27,7 @@ from respiscan.data.samples import (CLASS_NAMES, MODALITIES, Sample, carve_valid
                                    fingerprint, write_manifest)
 from respiscan.models.network import MMTLNet
 from respiscan.training.config import TrainConfig, preset
-from respiscan.training.loop import bf16_supported, predict_logits, train_classifier
+from respiscan.training.loop import bf16_supported, predict_logits, resolve_device, train_classifier
 from respiscan.training.stages import embed_images, finetune_adversarial, train_adversarial, train_embedder
 from respiscan.utils import atomic_write, package_versions, seed_everything, write_json, write_rows
 
@@ -81,7 +81,8 @@ def _split(samples: list[Sample], images: np.ndarray, modality: str, split: str)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, *, strict: bool = False,
-          resume: bool = False, cache_dir: str | Path | None = None, stages_dir: str | Path | None = None) -> Path:
+          resume: bool = False, cache_dir: str | Path | None = None, stages_dir: str | Path | None = None,
+          device: str = "cpu") -> Path:
     """Train every stage on DATA's train split (validation carved from it) and write a bundle to OUT.
 
     `resume` reuses the finished stages in OUT/.stages; `stages_dir` names a folder of stages kept and
@@ -95,7 +96,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     check_trainable(samples, str(data))
     fit_samples = [s for s in samples if s.split in ("train", "val")]
     cfg.model.modalities = [m for m in MODALITIES if any(s.modality == m for s in fit_samples)]
-    net = MMTLNet(cfg.model, pretrained=cfg.pretrained)
+    torch_device = resolve_device(device)
+    net = MMTLNet(cfg.model, pretrained=cfg.pretrained).to(torch_device)
     store = StageStore(Path(stages_dir) if stages_dir else out / ".stages", clear=not (resume or stages_dir))
     logs = out / "logs"
     images, fit_samples, skipped = load_dataset_images(
@@ -103,7 +105,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     for _, reason in skipped:
         print(f"warning: skipped {reason}")
     check_trainable(fit_samples, str(data))
-    bf16 = bf16_supported()
+    bf16 = bf16_supported(torch_device)
     frozen = cfg.pretrained is not False
     splits = {(m, sp): _split(fit_samples, images, m, sp) for m in cfg.model.modalities for sp in ("train", "val")}
     del images
@@ -171,7 +173,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         for sp in ("train", "val"):
             task_e, shared_e = emb[f"task_{m}", sp], emb[shared_key[m], sp]
             with torch.no_grad():
-                head_x[m, sp] = net.head_features(m, task_e, shared_e)
+                head_x[m, sp] = net.head_features(m, task_e.to(torch_device), shared_e.to(torch_device)).cpu()
         if not store.load_module(keys[f"head_{m}"], net.heads[m]):
             train_classifier(net.heads[m], head_x[m, "train"], labels[m, "train"], head_x[m, "val"], labels[m, "val"],
                              cfg.mlp_fit, seed=cfg.seed, log_path=logs / f"head_{m}.csv", desc=f"head {m}")
@@ -184,7 +186,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     thresholds, val_metrics, val_rows = {}, {}, []
     for m in cfg.model.modalities:
         y = labels[m, "val"].numpy()
-        p = 1 / (1 + np.exp(-predict_logits(net.heads[m], head_x[m, "val"]).astype(np.float64)))
+        p = 1 / (1 + np.exp(-predict_logits(net.heads[m], head_x[m, "val"], device=torch_device).astype(np.float64)))
         thresholds[m] = float(choose_threshold(y, p)) if len(np.unique(y)) == 2 else 0.5
         val_metrics[m] = binary_metrics(y, p, thresholds[m])
         val_ids = [s.id for s in fit_samples if s.modality == m and s.split == "val"]

@@ -1,0 +1,294 @@
+"""report.md and report.html for one evaluation: what a reader needs to judge the numbers without the code.
+
+Both files are rendered from one list of blocks, so they say the same thing; the HTML embeds the figures as
+base64 PNGs and needs no other file (it can be mailed or attached to a paper's supplement as it is).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+from datetime import datetime, timezone
+from pathlib import Path
+
+from respiscan import __version__
+from respiscan.bundle import read_config
+from respiscan.data.samples import CLASS_NAMES, Sample
+from respiscan.evaluation.audit import class_balance, source_of
+from respiscan.evaluation.metrics import SCALAR_METRICS
+from respiscan.utils import atomic_write
+
+KIND_NAMES = {"xray": "X-ray", "ct": "CT", "fused": "Fused"}
+METRIC_NAMES = {
+    "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
+    "sensitivity": "Sensitivity (COVID cases caught)", "specificity": "Specificity (Non_COVID cases cleared)",
+    "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "mcc": "MCC", "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC (average precision)", "brier": "Brier score (lower is better)",
+    "ece": "ECE, 10 bins (lower is better)",
+}
+PLOT_CAPTIONS = {
+    "roc": "ROC curves. The open marker is the operating point at the bundle's threshold.",
+    "pr": "Precision-recall curves; the dashed line is what a random ranking scores (the COVID prevalence).",
+    "confusion": "Confusion matrices at the bundle's thresholds; colour is the fraction of the true class.",
+    "reliability": "Reliability diagram: observed COVID frequency against predicted probability; below, "
+                   "cases per bin (sparse bins are noisy).",
+    "training_curves": "Training curves per stage (losses left axis, validation scores right axis). Stages "
+                       "reused from an earlier run with the same settings have no curve here.",
+}
+SHARED_TEXT = {
+    "plain": "plain: one MLP trained on X-ray and CT embeddings together, on COVID labels",
+    "adversarial": "adversarial: a generator trained against a modality discriminator (towards modality-invariant "
+                   "features), then frozen and fine-tuned on {finetune} labels",
+    "none": "none: task-specific features only (ablation without shared features)",
+}
+FINETUNE_TEXT = {"covid": "COVID", "modality": "modality (the reference's choice; it can undo the invariance)"}
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; line-height: 1.45;
+       max-width: 62rem; margin: 2rem auto; padding: 0 1rem; }
+h1 { border-bottom: 2px solid #2a6; padding-bottom: .3rem; }
+h2 { margin-top: 2rem; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .92rem; }
+th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; vertical-align: top; }
+th { background: #f2f5f3; }
+tr:nth-child(even) td { background: #fafafa; }
+figure { margin: 1rem 0; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: .9rem; color: #555; }
+"""
+
+Block = tuple  # ("h1" | "h2" | "h3" | "p", text) | ("ul", [text]) | ("table", header, rows) | ("img", caption, file)
+
+
+def read_splits(bundle: Path) -> list[Sample]:
+    """The samples the bundle was trained, validated and tested on (BUNDLE/splits.csv); [] when it has none."""
+    path = Path(bundle) / "splits.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [Sample(r["id"], Path(r["path"]), r["modality"], CLASS_NAMES.index(r["label"]), r["split"],
+                       r["group"] or None, r["source"] or None) for r in csv.DictReader(f)]
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _with_ci(m: dict, name: str) -> str:
+    ci = m["ci"].get(name)
+    return _num(m[name]) + ("" if ci is None or m[name] is None else f" ({ci[0]:.3f} to {ci[1]:.3f})")
+
+
+def _balance_table(balance: dict[str, dict]) -> Block:
+    rows = [[key, str(c["Non_COVID"]), str(c["COVID"]), str(c["n"]), f"{c['covid_fraction']:.2f}"]
+            for key, c in balance.items()]
+    return ("table", ["Modality / split / source", "Non_COVID", "COVID", "Total", "COVID share"], rows)
+
+
+def _metric_table(columns: dict[str, dict]) -> Block:
+    """Metric rows, one column per prediction kind (or source): value (CI)."""
+    rows = [["Cases (COVID)", *(f"{m['n']} ({m['n_positive']})" for m in columns.values())],
+            ["Threshold", *(f"{m['threshold']:.3f}" for m in columns.values())]]
+    rows += [[METRIC_NAMES[name], *(_with_ci(m, name) for m in columns.values())] for name in SCALAR_METRICS]
+    rows.append(["Confusion TP / FP / FN / TN", *(
+        "{tp} / {fp} / {fn} / {tn}".format(**m["confusion_matrix"]) for m in columns.values())])
+    return ("table", ["Metric", *columns], rows)
+
+
+def _summary(kinds: dict[str, dict], results: dict) -> list[Block]:
+    items = [f"{KIND_NAMES[k]}: ROC AUC {_with_ci(m, 'roc_auc')}, sensitivity {_with_ci(m, 'sensitivity')}, "
+             f"specificity {_with_ci(m, 'specificity')} at threshold {m['threshold']:.3f} "
+             f"(n = {m['n']}, {m['n_positive']} COVID)." for k, m in kinds.items()]
+    ci = results["ci"]
+    return [("h2", "Summary"), ("ul", items),
+            ("p", f"Brackets hold {100 * ci['confidence']:g}% confidence intervals ({ci['method']}, "
+                  f"{ci['n_resamples']} resamples of {ci['resampled']}, seed {ci['seed']}).")]
+
+
+def _data(results: dict, config: dict, bundle: Path) -> list[Block]:
+    data, fp = config["data"], config["data"]["fingerprint"]
+    fitted = [s for s in read_splits(bundle) if s.split != "test"]
+    blocks: list[Block] = [
+        ("h2", "Data"),
+        ("p", f"The model was trained on {data['path']} ({fp['n_samples']} images listed; listing sha256 "
+              f"{fp['samples_sha256'][:16]}, file contents sha256 {fp['files_sha256'][:16]}). The validation "
+              "split was carved from the training split, keeping each patient (group id, where the data gives one) on "
+              "one side, and chose "
+              "the thresholds; the test split was used for nothing but this report."),
+        ("h3", "Training and validation images (bundle splits.csv)")]
+    if fitted:
+        blocks.append(_balance_table(class_balance(fitted, lambda s: f"{s.modality} / {s.split} / {source_of(s)}")))
+    else:
+        blocks.append(("p", "Not available: the bundle has no splits.csv."))
+    blocks += [("h3", f"Test images evaluated ({results['data']})"), _balance_table(results["test_set"])]
+    return blocks
+
+
+def _pretrained(value: bool | str) -> str:
+    if value is False:
+        return "none: backbones trained from scratch on the training split"
+    if value is True:
+        return "ImageNet weights from the timm hub; backbone frozen"
+    return f"local weights {value}; backbone frozen"
+
+
+def _threshold_rule(config: dict, kind: str) -> str:
+    if kind == "fused":
+        return "applied to the mean of the per-modality probabilities; fixed, not tuned on validation"
+    val = config.get("validation_metrics", {}).get(kind)
+    if val and 0 < val["n_positive"] < val["n"]:
+        return (f"Youden's J (maximum sensitivity + specificity - 1) on the validation split "
+                f"(n = {val['n']}, {val['n_positive']} COVID)")
+    return "default 0.5: the validation split had one class only, so no threshold could be chosen"
+
+
+def _configuration(config: dict) -> list[Block]:
+    model, pre, training = config["model"], config["preprocess"], config.get("training", {})
+    mods = model["modalities"]
+
+    def per_modality(backbones: dict[str, str]) -> str:
+        return "; ".join(f"{KIND_NAMES[m]}: {backbones[m]}" for m in mods)
+
+    if model["shared"] == "none":
+        shared_models = "not used"
+    elif model.get("shared_backbones"):
+        shared_models = per_modality(model["shared_backbones"])
+    else:
+        shared_models = "the task-specific ones (one embedding model per modality feeds both MLPs)"
+    opening = f"CT only: {pre['ct_opening']}x{pre['ct_opening']} morphological opening; " if pre["ct_opening"] else ""
+    rows = [
+        ["Modalities", ", ".join(KIND_NAMES[m] for m in mods)],
+        ["Task-specific embedding models", per_modality(model["task_backbones"])],
+        ["Shared-feature embedding models", shared_models],
+        ["Shared features", SHARED_TEXT[model["shared"]].format(finetune=FINETUNE_TEXT.get(
+            training.get("adversarial_finetune", "covid"), training.get("adversarial_finetune")))],
+        ["Pretrained weights", _pretrained(training.get("pretrained", False))],
+        ["Preprocessing", f"grey; CLAHE clip {pre['clahe_clip']:g}, {pre['clahe_tiles']}x{pre['clahe_tiles']} tiles; "
+                          f"{opening}resized to {pre['size']}x{pre['size']}; DICOM CT window centre "
+                          f"{pre['dicom_ct_center']:g} HU, width {pre['dicom_ct_width']:g} HU"],
+    ]
+    if training:
+        rows.append(["Training", f"preset {training['preset']}, seed {training['seed']}, embedding models up to "
+                                 f"{training['backbone_fit']['epochs']} epochs, MLPs up to "
+                                 f"{training['mlp_fit']['epochs']} epochs (best validation epoch kept), "
+                                 f"augmentation {'on' if training['augment'] else 'off'}, validation fraction "
+                                 f"{training['val_fraction']:g}"])
+    versions = config.get("versions", {})
+    rows.append(["Software", ", ".join(f"{k} {versions[k]}" for k in ("respiscan", "torch", "timm") if k in versions)
+                 or f"respiscan {config.get('respiscan_version', __version__)}"])
+    thresholds = [[KIND_NAMES.get(k, k), f"{t:.3f}", _threshold_rule(config, k)] for k, t in config["thresholds"].items()]
+    return [("h2", "Configuration"), ("table", ["Setting", "Value"], rows),
+            ("h3", "Operating thresholds (COVID when p >= threshold)"),
+            ("table", ["Prediction", "Threshold", "How it was chosen"], thresholds)]
+
+
+def _metrics(results: dict, kinds: dict[str, dict]) -> list[Block]:
+    blocks: list[Block] = [
+        ("h2", "Metrics on the test split"),
+        ("p", "COVID is the positive class. Each cell: point estimate (confidence interval, as in the summary). "
+              "n/a: undefined on these cases (the warnings say why)."),
+        _metric_table({KIND_NAMES[k]: m for k, m in kinds.items()})]
+    for k, m in kinds.items():
+        if "by_source" in m:
+            blocks += [("h3", f"{KIND_NAMES[k]} by source"), _metric_table(m["by_source"])]
+    return blocks
+
+
+def _fused(results: dict) -> list[Block]:
+    if "fused" not in results:
+        return []
+    fused = results["fused"]
+    text = (f"The fused probability is the mean of a case's X-ray and CT probabilities. Pairing: {fused['pairing']}; "
+            f"{fused['n_pairs']} pairs. ")
+    if "pseudo" in fused["pairing"]:
+        text += ("These pseudo-pairs are not patients: each joins an X-ray and a CT image of the same class drawn at "
+                 "random, so the fused metrics show what averaging two images of one class does, not how the model "
+                 "performs on patients. Do not report them as patient-level results.")
+    else:
+        text += ("Each pair is the X-ray and the CT of one patient (same group id and label); images without a "
+                 "partner of the other modality are left out of the fused metrics.")
+    return [("h2", "Fused prediction"), ("p", text)]
+
+
+def _warnings(results: dict, config: dict, kinds: dict[str, dict]) -> list[Block]:
+    items = list(results.get("warnings", []))
+    items += [f"{KIND_NAMES[k]}: {w}" for k, m in kinds.items() for w in m["warnings"]]
+    for where, skipped in (("the test set", results["skipped"]), ("training", config["data"].get("skipped", []))):
+        if skipped:
+            items.append(f"{len(skipped)} unreadable image(s) skipped in {where}, e.g. {skipped[0]['reason']}")
+    audit = config.get("audit")
+    if audit:
+        items.append(f"Data audit of {audit['n_images']} images: {audit['cross_split_duplicates']} duplicate "
+                     "pair(s) across splits.")
+        items += [f"Audit: {w}" for w in audit["warnings"]]
+    else:
+        items.append("No data audit is recorded in the bundle: run `respiscan audit DATA` to look for duplicate "
+                     "images across splits and for source/label confounds before trusting these numbers.")
+    return [("h2", "Warnings"), ("ul", items)]
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    """Markdown for a list of blocks (also used for the significance summary)."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + block[1], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in block[1]] + [""]
+        elif kind == "table":
+            lines += ["| " + " | ".join(map(cell, block[1])) + " |", "|" + "---|" * len(block[1])]
+            lines += ["| " + " | ".join(map(cell, row)) + " |" for row in block[2]] + [""]
+        else:  # img
+            lines += [f"![{block[2]}]({block[2]})", "", f"*{block[1]}*", ""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list[Block], folder: Path) -> str:
+    e = html.escape
+    parts: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3", "p"):
+            parts.append(f"<{kind}>{e(block[1])}</{kind}>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        else:  # img
+            data = base64.b64encode((folder / block[2]).read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(block[2])}">'
+                         f"<figcaption>{e(block[1])}</figcaption></figure>")
+    title = e(blocks[0][1])
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+            f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
+
+
+def write_report(results: dict, bundle: Path, out: Path) -> tuple[Path, Path]:
+    """Write OUT/report.md and OUT/report.html from evaluate()'s results (figures must already be in OUT)."""
+    bundle, out = Path(bundle), Path(out)
+    config = read_config(bundle)
+    kinds = {**results["modalities"], **({"fused": results["fused"]} if "fused" in results else {})}
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    blocks: list[Block] = [
+        ("h1", "respiscan evaluation report"),
+        ("p", f"Bundle {results['bundle']}, evaluated on the test split of {results['data']} by respiscan "
+              f"{__version__} on {generated}. COVID is the positive class."),
+        *_summary(kinds, results), *_data(results, config, bundle), *_configuration(config),
+        *_metrics(results, kinds),
+        ("h2", "Figures"), *(("img", PLOT_CAPTIONS[name], file) for name, file in results["plots"].items()),
+        *([] if results["plots"] else [("p", "No figures were drawn for this evaluation.")]),
+        *_fused(results), *_warnings(results, config, kinds)]
+    md, page = out / "report.md", out / "report.html"
+    with atomic_write(md, "w", encoding="utf-8") as f:
+        f.write(render_markdown(blocks))
+    with atomic_write(page, "w", encoding="utf-8") as f:
+        f.write(_html(blocks, out))
+    return md, page

@@ -1,0 +1,90 @@
+"""The ONNX engine: a bundle's exported graphs run with onnxruntime, without importing torch.
+
+`import torch, timm` costs seconds and most of a gigabyte before any work; onnxruntime a tenth of a second.
+A one-image prediction from the command line is dominated by that start-up, so this module (and everything
+it imports) must stay torch-free; tests/test_onnx.py checks it in a fresh process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from respiscan.errors import RespiscanError
+from respiscan.inference import BasePipeline
+
+ENGINES = ("auto", "torch", "onnx")
+BATCH = 32  # images per onnxruntime call: bounds memory on large batches, big enough to keep the cores busy
+
+
+def has_graph(bundle: str | Path, config: dict | None = None) -> bool:
+    """Whether `respiscan export` has been run on this bundle (its config names ONNX graphs)."""
+    if config is None:
+        from respiscan.bundle import read_config
+
+        config = read_config(Path(bundle))
+    return bool(config.get("onnx", {}).get("graphs"))
+
+
+class OnnxPipeline(BasePipeline):
+    """`BasePipeline` on onnxruntime: same preprocessing, fusion and labels as the torch engine, fp32."""
+
+    def __init__(self, bundle: str | Path, threads: int | None = None):
+        super().__init__(bundle)
+        try:  # imported here: onnxruntime is an optional extra, and open_pipeline's torch path must not need it
+            import onnxruntime as ort
+        except ImportError as e:
+            raise RespiscanError("the ONNX engine needs onnxruntime: pip install 'respiscan[onnx]'") from e
+
+        if not has_graph(self.bundle, self.config):
+            raise RespiscanError(f"{self.bundle}: no ONNX graph; run `respiscan export {self.bundle}` first")
+        spec = self.config["onnx"]
+        if spec.get("weights_sha256") != self.config["weights_sha256"]:
+            raise RespiscanError(f"{self.bundle}: the ONNX graphs were exported from other weights; "
+                                 f"run `respiscan export {self.bundle}` again")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.input, self.output = spec["input"], spec["output"]
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for modality in self.modalities:
+            graph = spec["graphs"].get(modality)
+            if graph is None:
+                raise RespiscanError(f"{self.bundle}: no ONNX graph for {modality}; run `respiscan export {self.bundle}` again")
+            # hash the bytes that are loaded, so the checked file is the one that runs
+            data = _read(self.bundle / graph["file"], self.bundle)
+            if hashlib.sha256(data).hexdigest() != graph["sha256"]:
+                raise RespiscanError(f"{self.bundle / graph['file']}: does not match the hash in config.json "
+                                     f"(truncated or modified); run `respiscan export {self.bundle}` again")
+            self.sessions[modality] = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    def probabilities(self, images: np.ndarray, modality: str) -> np.ndarray:
+        self.check_modality(modality)
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        session = self.sessions[modality]
+        out = [session.run([self.output], {self.input: images[i:i + BATCH]})[0] for i in range(0, len(images), BATCH)]
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def _read(path: Path, bundle: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise RespiscanError(f"{path}: cannot read the ONNX graph ({e.strerror}); run `respiscan export {bundle}` again") from e
+
+
+def open_pipeline(bundle: str | Path, engine: str = "auto", bf16: bool | None = None) -> BasePipeline:
+    """The pipeline for `engine`: "onnx", "torch", or "auto" (ONNX when the bundle has graphs, else torch).
+
+    The torch engine is imported only when chosen, so "onnx"/"auto" on an exported bundle never loads torch.
+    """
+    if engine not in ENGINES:
+        raise RespiscanError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
+    if engine == "onnx" or (engine == "auto" and has_graph(bundle)):
+        return OnnxPipeline(bundle)
+    from respiscan.predict import Pipeline
+
+    return Pipeline(bundle, bf16=bf16)
