@@ -76,8 +76,9 @@ def test_report_embeds_images_and_tabulates_metrics(evaluation):
     assert "No data audit is recorded" in md
 
 
-def _two_source_copy(synth_data: Path, root: Path) -> Path:
-    """The test images copied under `root` with a manifest naming two hospitals (by patient)."""
+def _two_source_copy(synth_data: Path, root: Path, groups: bool = True) -> Path:
+    """The test images copied under `root` with a manifest naming two hospitals (by patient), and the
+    patients only when `groups`."""
     rows = []
     with open(synth_data / "manifest.csv", newline="") as f:
         for row in csv.DictReader(f):
@@ -85,6 +86,7 @@ def _two_source_copy(synth_data: Path, root: Path) -> Path:
                 (root / row["path"]).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(synth_data / row["path"], root / row["path"])
                 row["source"] = "hospital_a" if int(row["group"][-1]) % 2 else "hospital_b"
+                row["group"] = row["group"] if groups else ""
                 rows.append(row)
     with open(root / "manifest.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
@@ -104,6 +106,15 @@ def test_per_source_breakdown(bundle, synth_data, tmp_path):
     assert "### X-ray by source" in md and "| Metric | hospital_a | hospital_b |" in md
     assert "No figures were drawn" in md
     assert not results["warnings"]
+
+
+def test_without_patients_the_report_calls_pseudo_pairs_what_they_are(bundle, synth_data, tmp_path):
+    data = _two_source_copy(synth_data, tmp_path / "data", groups=False)
+    results = evaluate(bundle, data, tmp_path / "eval", figures=False)
+    assert results["fused"]["pairing"].startswith("same-label pseudo-pairs")
+    assert results["ci"]["resampled"] == "images"
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "These pseudo-pairs are not patients" in md and "resamples of images" in md
 
 
 def test_warns_when_test_images_were_trained_on(bundle, synth_data, tmp_path):

@@ -251,7 +251,7 @@ def _xray(covid: bool, size: int, rng: np.random.Generator) -> tuple[np.ndarray,
             _vessel_tree(hilum, direction, rng.uniform(0.06, 0.09), 0.008, 3, rng, segments)
     lung_map += rng.uniform(0.05, 0.09) * _blur(_lines(size, segments), 0.6 * size / 224)
     img = img + (lung_map - img) * lung * 0.95
-    img, mask = _findings(img, covid, lungs, tuple(hila), tissue + 0.05, (0.1, 0.4), (0.05, 0.12), rng)
+    img, mask = _findings(img, covid, lungs, tuple(hila), tissue + 0.05, (0.12, 0.45), (0.05, 0.12), rng)
     img = img + (tissue + 0.1 - img) * below * rng.uniform(0.85, 1.0)
     bubble = _ellipse(X, Y, mid + 0.2, dome_l + 0.06, 0.05, 0.03, edge=0.5) * below
     img -= rng.uniform(0.0, 0.12) * bubble

@@ -65,14 +65,15 @@ def _kind_metrics(cases: Cases, threshold: float, n_resamples: int, seed: int) -
     return result
 
 
-def _cases(samples: list[Sample], prob: dict[str, float]) -> Cases:
+def _image_cases(samples: list[Sample], prob: dict[str, float]) -> Cases:
     return (np.array([s.label for s in samples]), np.array([prob[s.id] for s in samples]),
             np.array([s.group or s.id for s in samples]), np.array([source_of(s) for s in samples]))
 
 
-def _pair_cases_arrays(pairs: list[tuple[Sample, Sample]], prob: dict[str, float]) -> Cases:
+def _fused_cases(pairs: list[tuple[Sample, Sample]], prob: dict[str, float]) -> Cases:
     """A fused case's group is its X-ray's patient; its source names both images' sources when they differ."""
-    sources = [source_of(x) if source_of(x) == source_of(c) else f"{source_of(x)} + {source_of(c)}" for x, c in pairs]
+    sources = [source_of(x) if source_of(x) == source_of(c) else f"{source_of(x)} + {source_of(c)}"
+               for x, c in pairs]
     return (np.array([x.label for x, _ in pairs]), np.array([fuse([prob[x.id], prob[c.id]]) for x, c in pairs]),
             np.array([x.group or x.id for x, _ in pairs]), np.array(sources))
 
@@ -80,12 +81,14 @@ def _pair_cases_arrays(pairs: list[tuple[Sample, Sample]], prob: dict[str, float
 def _training_logs(bundle: Path) -> dict[str, Path]:
     """BUNDLE/logs/*.csv by stage name, in the order the stages ran."""
     def order(path: Path) -> tuple[int, str]:
-        return next((i for i, prefix in enumerate(_STAGE_ORDER) if path.stem.startswith(prefix)), len(_STAGE_ORDER)), path.stem
+        stage = next((i for i, prefix in enumerate(_STAGE_ORDER) if path.stem.startswith(prefix)), len(_STAGE_ORDER))
+        return stage, path.stem
 
     return {p.stem: p for p in sorted((bundle / "logs").glob("*.csv"), key=order)}
 
 
-def _plots(cases: dict[str, Cases], metrics: dict[str, dict], bundle: Path, out: Path, warnings: list[str]) -> dict[str, str]:
+def _plots(cases: dict[str, Cases], metrics: dict[str, dict], bundle: Path, out: Path,
+           warnings: list[str]) -> dict[str, str]:
     """The figures beside metrics.json (file names by kind); a bundle without usable logs gets a warning instead."""
     curves = {KIND_NAMES[k]: (c[0], c[1]) for k, c in cases.items()}
     points = {KIND_NAMES[k]: metrics[k]["threshold"] for k in cases}
@@ -131,11 +134,11 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
     scored = [s for s in test if s.id in prob]
     results: dict = {"split": "test", "bundle": str(bundle), "data": str(data), "positive_class": "COVID",
                      "skipped": [{"id": i, "reason": why} for i, why in skipped], "modalities": {}}
-    cases = {m: _cases(mine, prob) for m in pipe.modalities if (mine := [s for s in scored if s.modality == m])}
+    cases = {m: _image_cases(mine, prob) for m in pipe.modalities if (mine := [s for s in scored if s.modality == m])}
     if len(cases) == 2:
         pairs, how = pair_cases([s for s in scored if s.modality == "xray"], [s for s in scored if s.modality == "ct"])
         if pairs:
-            cases["fused"] = _pair_cases_arrays(pairs, prob)
+            cases["fused"] = _fused_cases(pairs, prob)
             results["fused"] = {"pairing": how, "n_pairs": len(pairs)}
     metrics = {k: _kind_metrics(c, pipe.thresholds.get(k, 0.5), n_resamples, seed) for k, c in cases.items()}
     results["modalities"] = {m: metrics[m] for m in pipe.modalities if m in metrics}

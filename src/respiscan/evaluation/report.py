@@ -112,9 +112,9 @@ def _data(results: dict, config: dict, bundle: Path) -> list[Block]:
         ("h2", "Data"),
         ("p", f"The model was trained on {data['path']} ({fp['n_samples']} images listed; listing sha256 "
               f"{fp['samples_sha256'][:16]}, file contents sha256 {fp['files_sha256'][:16]}). The validation "
-              "split was carved from the training split, keeping each patient (group id, where the data gives one) on "
-              "one side, and chose "
-              "the thresholds; the test split was used for nothing but this report."),
+              "split was carved from the training split, keeping each patient (group id, where the data gives "
+              "one) on one side; it chose the best epochs and the thresholds. The test split was used for nothing "
+              "but this report."),
         ("h3", "Training and validation images (bundle splits.csv)")]
     if fitted:
         blocks.append(_balance_table(class_balance(fitted, lambda s: f"{s.modality} / {s.split} / {source_of(s)}")))
@@ -174,9 +174,10 @@ def _configuration(config: dict) -> list[Block]:
                                  f"augmentation {'on' if training['augment'] else 'off'}, validation fraction "
                                  f"{training['val_fraction']:g}"])
     versions = config.get("versions", {})
-    rows.append(["Software", ", ".join(f"{k} {versions[k]}" for k in ("respiscan", "torch", "timm") if k in versions)
-                 or f"respiscan {config.get('respiscan_version', __version__)}"])
-    thresholds = [[KIND_NAMES.get(k, k), f"{t:.3f}", _threshold_rule(config, k)] for k, t in config["thresholds"].items()]
+    rows.append(["Software (training)", ", ".join(f"{k} {versions[k]}" for k in ("respiscan", "torch", "timm")
+                                                  if k in versions) or "not recorded"])
+    thresholds = [[KIND_NAMES.get(k, k), f"{t:.3f}", _threshold_rule(config, k)]
+                  for k, t in config["thresholds"].items()]
     return [("h2", "Configuration"), ("table", ["Setting", "Value"], rows),
             ("h3", "Operating thresholds (COVID when p >= threshold)"),
             ("table", ["Prediction", "Threshold", "How it was chosen"], thresholds)]

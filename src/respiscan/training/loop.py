@@ -161,6 +161,7 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
                      params: list[nn.Parameter] | None = None, log_path: Path | None = None,
                      desc: str = "train") -> FitResult:
     """Fit `model(x) -> logit` with BCE; model selection on validation AUC (never on test)."""
+    torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same stage, resumed or not
     gen = torch.Generator().manual_seed(seed)
     device = device_of(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]

@@ -87,6 +87,7 @@ def train_adversarial(shared: AdversarialSharedMLP, emb: torch.Tensor, modality:
                       log_path: Path | None, desc: str = "adversarial") -> FitResult:
     """Generator vs modality discriminator (X-ray 1, CT 0): the generator learns to make the discriminator
     see the inverted modality, which pushes its output towards modality-invariant features."""
+    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = device_of(shared)
     g, d = shared.generator, shared.discriminator

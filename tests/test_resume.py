@@ -1,0 +1,41 @@
+"""Interrupted training: kill it mid-way (SIGTERM, SIGKILL), resume, and get the uninterrupted result."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+ARGS = ["--preset", "tiny", "--backbone", "test_resnet", "--image-size", "48", "--epochs", "2", "--seed", "3"]
+
+
+def _train(data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "respiscan", "train", str(data), "--out", str(out), *ARGS, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_bundle(sig, synth_data, tmp_path):
+    reference = tmp_path / "reference"
+    assert _train(synth_data, reference).wait(timeout=600) == 0
+
+    interrupted = tmp_path / "interrupted"
+    proc = _train(synth_data, interrupted)
+    stages = interrupted / ".stages"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(stages.glob("task_mlp_xray-*.safetensors")):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) != 0
+    assert not (interrupted / "config.json").exists()
+    finished = {p.name.split("-")[0] for p in stages.glob("*.safetensors")}
+    assert "task_ct" in finished and "head_xray" not in finished
+
+    assert _train(synth_data, interrupted, "--resume").wait(timeout=600) == 0
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), [k for k in a if not (a[k] == b[k]).all()][:3]
+    assert (reference / "validation_predictions.csv").read_text() == (interrupted / "validation_predictions.csv").read_text()
