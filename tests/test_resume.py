@@ -39,3 +39,22 @@ def test_killed_run_resumes_to_the_same_bundle(sig, synth_data, tmp_path):
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), [k for k in a if not (a[k] == b[k]).all()][:3]
     assert (reference / "validation_predictions.csv").read_text() == (interrupted / "validation_predictions.csv").read_text()
+
+
+def test_nan_in_cached_embeddings_is_a_clear_error(synth_data, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from respiscan.errors import RespiscanError
+    from respiscan.training.trainer import train
+
+    from conftest import tiny_config
+
+    stages = tmp_path / "stages"
+    train(synth_data, tmp_path / "a", tiny_config(), stages_dir=stages)
+    cached = next(stages.glob("embeddings_task_ct-*.safetensors"))
+    tensors = load_file(str(cached))
+    tensors["train"][0, 0] = float("nan")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(cached))
+    with pytest.raises(RespiscanError, match="contain NaN"):
+        train(synth_data, tmp_path / "b", tiny_config(), stages_dir=stages)

@@ -25,6 +25,7 @@ from respiscan.bundle import save_bundle
 from respiscan.data.images import load_dataset_images
 from respiscan.data.samples import (CLASS_NAMES, MODALITIES, Sample, carve_validation, check_trainable, discover,
                                    fingerprint, write_manifest)
+from respiscan.errors import RespiscanError
 from respiscan.models.network import MMTLNet
 from respiscan.training.config import TrainConfig, preset
 from respiscan.training.loop import bf16_supported, predict_logits, resolve_device, train_classifier
@@ -136,6 +137,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
                       for sp in ("train", "val")}
             store.save_tensors(f"embeddings_{keys[key]}", cached)
         for sp, tensor in cached.items():
+            if not torch.isfinite(tensor).all():
+                raise RespiscanError(f"{store.folder}: {key} embeddings ({sp}) contain NaN or inf (diverged training or "
+                                     "a damaged stage file); train again without --resume")
             emb[key, sp] = tensor
     labels = {(m, sp): splits[m, sp][1] for m in cfg.model.modalities for sp in ("train", "val")}
     shared_key = {m: f"shared_{m}" if f"shared_{m}" in net.embedders else f"task_{m}" for m in cfg.model.modalities}
