@@ -158,7 +158,7 @@ def _tiny_cnn_auc(images: np.ndarray, labels: np.ndarray, n_train: int) -> float
     net = torch.nn.Sequential(*block(1, 16, 5), *block(16, 32), *block(32, 32), torch.nn.AdaptiveMaxPool2d(1),
                               torch.nn.Flatten(), torch.nn.Linear(32, 1))
     opt = torch.optim.AdamW(net.parameters(), lr=5e-3, weight_decay=1e-3)
-    for _ in range(20):
+    for _ in range(15):
         net.train()
         order = torch.randperm(n_train)
         for start in range(0, n_train, 32):

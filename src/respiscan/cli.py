@@ -136,7 +136,43 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
         typer.echo(f"{name:5s} n={m['n']:4d} AUC={auc} acc={m['accuracy']:.3f} sens={_fmt(m['sensitivity'])} "
                    f"spec={_fmt(m['specificity'])} F1={_fmt(m['f1'])}")
-    typer.echo(f"written to {out or Path(bundle) / 'evaluation'}")
+    typer.echo(f"written to {out or Path(bundle) / 'evaluation'} (report: {results['report']['html']})")
+
+
+@app.command()
+def audit(data: Path = typer.Argument(..., help="Data folder or manifest."),
+          out: Optional[Path] = typer.Option(None, help="Folder for audit.json."),
+          near_threshold: int = typer.Option(4, help="Largest perceptual-hash distance counted as a near duplicate."),
+          strict: bool = typer.Option(False, help="Exit 2 when an image appears in two splits.")) -> None:
+    """Duplicates across splits, class balance per split and source, source/label confounds."""
+    from respiscan.data.samples import discover
+    from respiscan.evaluation.audit import audit as run_audit, check_strict, format_audit
+    from respiscan.utils import write_json
+
+    result = run_audit(discover(data), near_threshold=near_threshold)
+    typer.echo(format_audit(result))
+    if out:
+        write_json(Path(out) / "audit.json", result)
+    if strict:
+        check_strict(result)
+
+
+@app.command()
+def significance(data: Path = typer.Argument(..., help="Data folder or manifest."),
+                 out: Path = typer.Option(..., "--out", "-o", help="Folder for runs, tables and summary."),
+                 runs: int = typer.Option(5, help="Seeds per configuration (at least 2)."),
+                 preset: str = typer.Option("fast", help="Training preset of every run."),
+                 seed: int = typer.Option(0, help="First seed.")) -> None:
+    """Full model vs task-specific only vs adversarial shared, over seeds: ANOVA, paired, DeLong, McNemar."""
+    from respiscan.evaluation.significance import run_significance
+    from respiscan.training.config import preset as make_preset
+
+    cfg = make_preset(preset)
+    cfg.seed = seed
+    summary = run_significance(data, out, runs, cfg)
+    for m, result in summary["anova"].items():
+        typer.echo(f"{m}: {result['sentence']}")
+    typer.echo(f"summary: {Path(out) / 'summary.md'}")
 
 
 @app.command()

@@ -26,6 +26,7 @@ from respiscan.data.images import load_dataset_images
 from respiscan.data.samples import (CLASS_NAMES, MODALITIES, Sample, carve_validation, check_trainable, discover,
                                    fingerprint, write_manifest)
 from respiscan.errors import RespiscanError
+from respiscan.evaluation.audit import audit, check_strict
 from respiscan.models.network import MMTLNet
 from respiscan.training.config import TrainConfig, preset
 from respiscan.training.loop import bf16_supported, predict_logits, resolve_device, train_classifier
@@ -99,6 +100,11 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     cfg.model.modalities = [m for m in MODALITIES if any(s.modality == m for s in fit_samples)]
     torch_device = resolve_device(device)
     net = MMTLNet(cfg.model, pretrained=cfg.pretrained).to(torch_device)
+    found = audit(samples, progress=True)
+    for warning in found["warnings"]:
+        print(f"audit: {warning}")
+    if strict:
+        check_strict(found)
     store = StageStore(Path(stages_dir) if stages_dir else out / ".stages", clear=not (resume or stages_dir))
     logs = out / "logs"
     images, fit_samples, skipped = load_dataset_images(
@@ -204,6 +210,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         "training": cfg.to_dict(), "versions": package_versions(),
         "data": {"path": str(Path(data).resolve()), "fingerprint": data_fingerprint, "counts": dict(sorted(counts.items())),
                  "skipped": [{"id": i, "reason": r} for i, r in skipped]},
+        "audit": {k: found[k] for k in ("n_images", "cross_split_duplicates", "near_threshold", "confounds", "warnings")},
         "validation_metrics": val_metrics, "train_seconds": round(time.perf_counter() - t_start, 1),
     }
     save_bundle(out, net, config)
