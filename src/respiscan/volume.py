@@ -36,7 +36,7 @@ def lung_fraction(slice_: np.ndarray, air: float) -> float:
     slice holds no body.
     """
     dark = (slice_ < air).astype(np.uint8)
-    _, labels = cv2.connectedComponents(dark, connectivity=8)
+    _, labels = cv2.connectedComponents(dark, connectivity=4)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     outside = np.isin(labels, border[border > 0])
     body = int(outside.size - outside.sum())

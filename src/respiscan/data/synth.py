@@ -120,7 +120,8 @@ def _blob(size: int, center: np.ndarray, r: float, lobules: int, rng: np.random.
     """Filled, overlapping random ellipses (uint8 layer, 255 inside): the outline of an irregular lesion."""
     canvas = np.zeros((size, size), np.uint8)
     for _ in range(lobules):
-        xy = _px(center + rng.uniform(-0.6, 0.6, 2) * r * (lobules > 1), size).tolist()
+        offset = rng.uniform(-0.6, 0.6, 2) * r if lobules > 1 else 0.0  # a single lobule sits on the centre
+        xy = _px(center + offset, size).tolist()
         axes = np.rint(rng.uniform(0.5, 0.9, 2) * r * size * 16).astype(int).tolist()
         cv2.ellipse(canvas, xy, axes, rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA, 4)
     return canvas
@@ -188,8 +189,9 @@ def _findings(img: np.ndarray, covid: bool, lungs: tuple[np.ndarray, np.ndarray]
     return img + (level - img) * nodule, mask
 
 
-def _finish(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, warp: tuple[float, tuple[float, float], float],
-            noise: tuple[float, float], blur: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def _finish(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+            warp: tuple[float, tuple[float, float], float], noise: tuple[float, float],
+            blur: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Positioning warp, contrast/gamma, blur and detector noise, then quantise to uint8."""
     size = img.shape[0]
     img, warped = _warp([img, mask.astype(np.float32)], rng, *warp)
@@ -342,7 +344,8 @@ _DRAW = {"xray": _xray, "ct": _ct}
 
 
 def make_image(modality: str, covid: bool, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (grey uint8 image of shape (size, size), bool mask of the planted COVID opacities (all False for Non-COVID))."""
+    """Returns (grey uint8 image of shape (size, size), bool mask of the planted COVID opacities
+    (all False for Non-COVID))."""
     if modality not in _DRAW:
         raise RespiscanError(f"synthetic data: unknown modality {modality!r}; accepted: xray, ct")
     if size < _MIN_SIZE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from respiscan.utils import write_rows
+from respiscan.utils import atomic_write, write_rows
 
 
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
@@ -64,20 +65,86 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class EpochCheckpoint:
+    """The state needed to continue a stage after its last finished epoch: model, optimizer, scheduler, random
+    generators, history and best model, as safetensors + JSON metadata (our own files are not pickled either)."""
+
+    def __init__(self, path: Path, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 generator: torch.Generator):
+        self.path, self.optimizer, self.scheduler, self.generator = path, optimizer, scheduler, generator
+
+    def save(self, model: nn.Module, epoch: int, history: list[dict], best_epoch: int, best_score: tuple,
+             best_state: dict | None) -> None:
+        from safetensors.torch import save
+
+        opt = self.optimizer.state_dict()
+        tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+        tensors.update({f"best/{k}": v for k, v in (best_state or {}).items()})
+        opt_meta: dict = {}
+        for i, state in opt["state"].items():
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt/{i}/{k}"] = v
+                else:
+                    opt_meta[f"{i}/{k}"] = v
+        tensors["rng/generator"] = self.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        meta = {"epoch": epoch, "history": history, "best_epoch": best_epoch, "best_score": list(best_score),
+                "has_best": best_state is not None, "param_groups": opt["param_groups"], "opt_meta": opt_meta,
+                "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}}
+        with atomic_write(self.path, "wb") as f:
+            f.write(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                         metadata={"state": json.dumps(meta)}))
+
+    def load(self, model: nn.Module) -> tuple[int, list[dict], int, tuple, dict | None] | None:
+        """Restore everything and return (epoch, history, best_epoch, best_score, best_state), or None."""
+        if not self.path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        device = device_of(model)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        state: dict = {}
+        for k, v in [*((k[4:], v) for k, v in tensors.items() if k.startswith("opt/")), *meta["opt_meta"].items()]:
+            i, name = k.split("/", 1)
+            state.setdefault(int(i), {})[name] = v  # load_state_dict moves each to its parameter's device
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        for group in self.optimizer.param_groups:  # safetensors stored them contiguous; fused kernels need the
+            for p in group["params"]:              # parameter's own strides (channels_last convolutions)
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        self.optimizer.state[p][k] = torch.empty_like(p).copy_(v)
+        self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
+        self.generator.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best/")} if meta["has_best"] else None
+        return meta["epoch"], meta["history"], meta["best_epoch"], tuple(meta["best_score"]), best
+
+
 def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict[str, float]],
         validate: Callable[[], dict[str, float]] | None = None, monitor: str | None = "val_auc", patience: int = 10,
-        log_path: Path | None = None, desc: str = "train") -> FitResult:
+        log_path: Path | None = None, desc: str = "train", checkpoint: EpochCheckpoint | None = None) -> FitResult:
     """Run `train_epoch` until `epochs` or `patience` epochs without a better `monitor`; restore the best.
 
     `monitor` is maximised unless its name ends in "loss". Without `validate` or `monitor` every epoch runs
-    and the last one is kept.
+    and the last one is kept. With `checkpoint`, each finished epoch is saved and a saved one is resumed.
     """
     minimise = bool(monitor and monitor.endswith("loss"))
     best_score = (math.inf, 0.0) if minimise else (-math.inf, 0.0)
-    best_state, best_epoch, best_row = None, 0, {}
+    best_state, best_epoch, start = None, 0, 1
     history: list[dict[str, float]] = []
-    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch")
+    restored = checkpoint.load(model) if checkpoint else None
+    if restored:
+        last, history, best_epoch, best_score, best_state = restored
+        start = last + 1
+    best_row = history[best_epoch - 1] if best_epoch else {}
+    bar = tqdm(range(start, epochs + 1), desc=desc, unit="epoch", initial=start - 1, total=epochs)
     for epoch in bar:
+        if history and epoch - best_epoch > patience:
+            break
         t0 = time.perf_counter()
         model.train()
         row: dict[str, float] = {"epoch": epoch, **train_epoch(epoch)}
@@ -99,6 +166,8 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict[str,
         bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")}, refresh=False)
         if log_path:
             write_log(log_path, history)
+        if checkpoint:
+            checkpoint.save(model, epoch, history, best_epoch, best_score, best_state)
         if epoch - best_epoch >= patience:
             break
     bar.close()
@@ -159,7 +228,7 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
                      y_val: torch.Tensor, settings: ClassifierFit, *, seed: int = 0, bf16: bool = False,
                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                      params: list[nn.Parameter] | None = None, log_path: Path | None = None,
-                     desc: str = "train") -> FitResult:
+                     desc: str = "train", checkpoint_path: Path | None = None) -> FitResult:
     """Fit `model(x) -> logit` with BCE; model selection on validation AUC (never on test)."""
     torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same stage, resumed or not
     gen = torch.Generator().manual_seed(seed)
@@ -194,5 +263,6 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         return {"val_loss": loss, "val_auc": auc(yv, logits), "val_acc": float(((logits > 0) == yv).mean())}
 
     monitor = "val_auc" if len(np.unique(y_val.numpy())) == 2 else "val_loss"
+    checkpoint = EpochCheckpoint(checkpoint_path, optimizer, scheduler, gen) if checkpoint_path else None
     return fit(model, epochs=settings.epochs, train_epoch=train_epoch, validate=validate if len(x_val) else None,
-               monitor=monitor, patience=settings.patience, log_path=log_path, desc=desc)
+               monitor=monitor, patience=settings.patience, log_path=log_path, desc=desc, checkpoint=checkpoint)

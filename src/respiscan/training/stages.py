@@ -56,7 +56,7 @@ def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch
 
 def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                    settings: ClassifierFit, *, frozen: bool, augment: bool, bf16: bool, seed: int,
-                   log_path: Path | None, desc: str) -> FitResult:
+                   log_path: Path | None, desc: str, checkpoint_path: Path | None = None) -> FitResult:
     """Stage 1. A frozen (pretrained) backbone's features never change, so they are computed once and only the
     dense layers train on them; a backbone without pretrained weights is trained whole, with augmentation."""
     if frozen:
@@ -67,7 +67,8 @@ def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], 
                                 params=[*net.dense.parameters(), *net.out.parameters()], log_path=log_path, desc=desc)
     net.backbone.requires_grad_(True)
     return train_classifier(net, train[0], train[1], val[0], val[1], settings, seed=seed, bf16=bf16,
-                            augment=random_affine if augment else None, log_path=log_path, desc=desc)
+                            augment=random_affine if augment else None, log_path=log_path, desc=desc,
+                            checkpoint_path=checkpoint_path)
 
 
 @torch.no_grad()

@@ -59,6 +59,10 @@ class StageStore:
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
+    def epoch_checkpoint(self, key: str) -> Path:
+        """Where an unfinished stage keeps its last finished epoch."""
+        return self.folder / f"{key}.epoch.safetensors"
+
     def load_module(self, key: str, module: nn.Module) -> bool:
         if not self._path(key).is_file():
             return False
@@ -135,8 +139,10 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         if not store.load_module(keys[key], embedder):
             train_embedder(embedder, splits[modality, "train"], splits[modality, "val"], cfg.backbone_fit,
                            frozen=frozen, augment=cfg.augment, bf16=bf16, seed=cfg.seed,
-                           log_path=logs / f"embedding_{key}.csv", desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})")
+                           log_path=logs / f"embedding_{key}.csv", checkpoint_path=store.epoch_checkpoint(keys[key]),
+                           desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})")
             store.save_module(keys[key], embedder)
+            store.epoch_checkpoint(keys[key]).unlink(missing_ok=True)
         cached = store.load_tensors(f"embeddings_{keys[key]}")
         if cached is None:
             cached = {sp: embed_images(embedder, splits[modality, sp][0], bf16, desc=f"embed {key} {sp}")
