@@ -91,6 +91,7 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv)."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per case."),
             engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
+            explain: Optional[Path] = typer.Option(None, help="Write Grad-CAM overlays of each input image here."),
             strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
     """Predict one case (--xray and/or --ct) or a batch (--data)."""
     from respiscan.onnx_engine import open_pipeline
@@ -100,13 +101,26 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
     pipe = open_pipeline(bundle, engine)
     if data is None:
         result = pipe.predict(xray=xray, ct=ct)
+        if explain:
+            from respiscan.explain import explain as write_gradcam
+            from respiscan.predict import Pipeline
+
+            images = {"xray": xray} if xray else {}
+            if ct and "ct_volume" not in result:  # Grad-CAM explains single images, not volumes
+                images["ct"] = ct
+            result["explanations"] = [str(p) for p in write_gradcam(Pipeline(bundle), images, explain)]
         if as_json:
             typer.echo(json.dumps(result))
-        else:
-            for m in ("xray", "ct"):
-                if result[f"{m}_probability"] is not None:
-                    typer.echo(f"{m:5s} p(COVID) = {result[f'{m}_probability']:.4f}")
-            typer.echo(f"label: {result['label']} (p = {result['probability']:.4f}, threshold {result['threshold']:.3f})")
+            return
+        for m in ("xray", "ct"):
+            if result[f"{m}_probability"] is not None:
+                typer.echo(f"{m:5s} p(COVID) = {result[f'{m}_probability']:.4f}")
+        if "ct_volume" in result:
+            v = result["ct_volume"]
+            typer.echo(f"      CT volume: {v['n_lung_slices']} of {v['n_slices']} slices contain lung; {v['aggregation']} (k={v['k']})")
+        typer.echo(f"label: {result['label']} (p = {result['probability']:.4f}, threshold {result['threshold']:.3f})")
+        for path in result.get("explanations", []):
+            typer.echo(f"Grad-CAM: {path}")
         return
     from respiscan.data.samples import folder_samples, discover
     from respiscan.inference import write_predictions

@@ -9,6 +9,7 @@ import numpy as np
 
 from respiscan.bundle import read_config
 from respiscan.data.images import load_dataset_images, load_preprocessed
+from respiscan.data.io import is_volume
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.samples import CLASS_NAMES, MODALITIES, Sample
 from respiscan.errors import RespiscanError
@@ -45,7 +46,8 @@ class BasePipeline:
         return CLASS_NAMES[int(probability >= self.thresholds.get(kind, 0.5))]
 
     def predict(self, xray: ImageInput | None = None, ct: ImageInput | None = None) -> dict:
-        """One case: X-ray only, CT only, or both (then `probability` is the fused one)."""
+        """One case: X-ray only, CT only, or both (then `probability` is the fused one). A CT volume (NIfTI,
+        DICOM series folder, multi-frame DICOM) is scored slice by slice; `ct_volume` then holds the details."""
         given = {m: image for m, image in zip(MODALITIES, (xray, ct)) if image is not None}
         if not given:
             raise RespiscanError("give an X-ray, a CT image, or both")
@@ -53,6 +55,12 @@ class BasePipeline:
             self.check_modality(modality)
         result: dict = {"xray_probability": None, "ct_probability": None}
         for modality, image in given.items():
+            if modality == "ct" and not isinstance(image, np.ndarray) and is_volume(image):
+                from respiscan.volume import score_volume
+
+                result["ct_volume"] = score_volume(self, image)
+                result["ct_probability"] = result["ct_volume"]["probability"]
+                continue
             result[f"{modality}_probability"] = float(self.probabilities(self.prepare(image, modality)[None], modality)[0])
         kind = "fused" if len(given) == 2 else next(iter(given))
         result["probability"] = fuse([result[f"{m}_probability"] for m in given])

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from respiscan.training import distributed
 from respiscan.utils import atomic_write, write_rows
 
 
@@ -77,6 +79,8 @@ class EpochCheckpoint:
              best_state: dict | None) -> None:
         from safetensors.torch import save
 
+        if not distributed.is_main():
+            return
         opt = self.optimizer.state_dict()
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"best/{k}": v for k, v in (best_state or {}).items()})
@@ -141,7 +145,7 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict[str,
         last, history, best_epoch, best_score, best_state = restored
         start = last + 1
     best_row = history[best_epoch - 1] if best_epoch else {}
-    bar = tqdm(range(start, epochs + 1), desc=desc, unit="epoch", initial=start - 1, total=epochs)
+    bar = tqdm(range(start, epochs + 1), desc=desc, unit="epoch", initial=start - 1, total=epochs, **distributed.quiet())
     for epoch in bar:
         if history and epoch - best_epoch > patience:
             break
@@ -178,7 +182,8 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict[str,
 
 
 def write_log(path: Path, history: list[dict[str, float]]) -> None:
-    write_rows(path, history, list(dict.fromkeys(k for row in history for k in row)))
+    if distributed.is_main():
+        write_rows(path, history, list(dict.fromkeys(k for row in history for k in row)))
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -238,25 +243,31 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     steps_per_epoch = max(1, len(x_train) // settings.batch_size)
     scheduler = warmup_cosine(optimizer, settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch)
     y_train = y_train.float()
+    # Under torchrun each rank takes its shard of every batch; the loss is scaled so that DDP's gradient
+    # average equals the single-process gradient of the whole batch.
+    step_model = DistributedDataParallel(model) if distributed.active() else model
 
     def train_epoch(epoch: int) -> dict[str, float]:
         total, count = 0.0, 0
         batches = minibatches(len(x_train), settings.batch_size, gen)
         for idx in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
-                        disable=steps_per_epoch < 20):
+                        disable=steps_per_epoch < 20 or not distributed.is_main()):
             xb = augment(x_train[idx], gen) if augment else x_train[idx]
+            mine = distributed.shard(torch.arange(len(idx)))
             with autocast(bf16, device):
-                logits = model(xb.to(device, non_blocking=True)).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y_train[idx].to(device))
+                logits = step_model(xb[mine].to(device, non_blocking=True)).float()
+            loss_sum = F.binary_cross_entropy_with_logits(logits, y_train[idx][mine].to(device), reduction="sum")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss_sum * distributed.world() / len(idx)).backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += loss_sum.item()
+            count += len(mine)
+        total, count = distributed.all_sum([total, count])
         return {"train_loss": total / max(count, 1), "lr": scheduler.get_last_lr()[0]}
 
     def validate() -> dict[str, float]:
+        distributed.sync_buffers(model)
         logits = predict_logits(model, x_val, bf16=bf16, device=device)
         yv = y_val.numpy()
         loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), y_val.float()).item()

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from respiscan.models.backbone import EmbeddingNet
+from respiscan.training import distributed
 from respiscan.models.mlp import AdversarialSharedMLP
 from respiscan.training.loop import ClassifierFit, FitResult, auc, autocast, device_of, fit, minibatches, train_classifier
 
@@ -44,14 +45,22 @@ class _DenseOnFeatures(nn.Module):
 
 
 @torch.no_grad()
-def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64, desc: str = "features") -> torch.Tensor:
+def _rows(fn, images: torch.Tensor, bf16: bool, batch_size: int, desc: str, dim: int) -> torch.Tensor:
+    """`fn` over all images in batches; under torchrun each rank does its shard and the rows are gathered."""
+    net = fn.__self__
     net.eval()
     device = device_of(net)
+    mine = distributed.shard(torch.arange(len(images)))
     out = []
-    for idx in tqdm(list(minibatches(len(images), batch_size)), desc=desc, unit="batch", leave=False):
+    for idx in tqdm(list(minibatches(len(mine), batch_size)), desc=desc, unit="batch", leave=False, **distributed.quiet()):
         with autocast(bf16, device):
-            out.append(net.features(images[idx].to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, net.backbone.num_features)
+            out.append(fn(images[mine[idx]].to(device)).float().cpu())
+    return distributed.gather_rows(torch.cat(out) if out else torch.zeros(0, dim), len(images))
+
+
+@torch.no_grad()
+def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64, desc: str = "features") -> torch.Tensor:
+    return _rows(net.features, images, bf16, batch_size, desc, net.backbone.num_features)
 
 
 def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
@@ -74,13 +83,7 @@ def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], 
 @torch.no_grad()
 def embed_images(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64, desc: str = "embed") -> torch.Tensor:
     """The 1280-d embeddings (LeakyReLU output) of a set of preprocessed images."""
-    net.eval()
-    device = device_of(net)
-    out = []
-    for idx in tqdm(list(minibatches(len(images), batch_size)), desc=desc, unit="batch", leave=False):
-        with autocast(bf16, device):
-            out.append(net.embed(images[idx].to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, net.dense.out_features)
+    return _rows(net.embed, images, bf16, batch_size, desc, net.dense.out_features)
 
 
 def train_adversarial(shared: AdversarialSharedMLP, emb: torch.Tensor, modality: torch.Tensor, emb_val: torch.Tensor,

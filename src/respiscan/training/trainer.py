@@ -28,6 +28,7 @@ from respiscan.data.samples import (CLASS_NAMES, MODALITIES, Sample, carve_valid
 from respiscan.errors import RespiscanError
 from respiscan.evaluation.audit import audit, check_strict
 from respiscan.models.network import MMTLNet
+from respiscan.training import distributed
 from respiscan.training.config import TrainConfig, preset
 from respiscan.training.loop import bf16_supported, predict_logits, resolve_device, train_classifier
 from respiscan.training.stages import embed_images, finetune_adversarial, train_adversarial, train_embedder
@@ -47,9 +48,11 @@ class StageStore:
 
     def __init__(self, folder: Path, clear: bool):
         self.folder = folder
-        if folder.exists() and clear:
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            if folder.exists() and clear:
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
 
     @staticmethod
     def key(name: str, *depends_on: object) -> str:
@@ -77,6 +80,8 @@ class StageStore:
         return load_file(str(self._path(key))) if self._path(key).is_file() else None
 
     def save_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        if not distributed.is_main():
+            return
         with atomic_write(self._path(key), "wb") as f:
             f.write(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
@@ -102,10 +107,10 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     check_trainable(samples, str(data))
     fit_samples = [s for s in samples if s.split in ("train", "val")]
     cfg.model.modalities = [m for m in MODALITIES if any(s.modality == m for s in fit_samples)]
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(distributed.setup(device))
     net = MMTLNet(cfg.model, pretrained=cfg.pretrained).to(torch_device)
-    found = audit(samples, progress=True)
-    for warning in found["warnings"]:
+    found = audit(samples, progress=distributed.is_main())
+    for warning in found["warnings"] if distributed.is_main() else []:
         print(f"audit: {warning}")
     if strict:
         check_strict(found)
@@ -219,6 +224,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         "audit": {k: found[k] for k in ("n_images", "cross_split_duplicates", "near_threshold", "confounds", "warnings")},
         "validation_metrics": val_metrics, "train_seconds": round(time.perf_counter() - t_start, 1),
     }
+    if not distributed.is_main():
+        return out
     save_bundle(out, net, config)
     write_json(out / "metrics.json", {"split": "validation", "metrics": val_metrics, "thresholds": thresholds})
     write_rows(out / "validation_predictions.csv", val_rows)
