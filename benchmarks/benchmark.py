@@ -257,6 +257,19 @@ def machine() -> str:
             f"onnxruntime {onnxruntime.__version__}, bf16 {'yes' if bf16_supported() else 'no'}, load average {load}")
 
 
+def bench_training(table: Table, bundle: Path) -> None:
+    """The bundle's own record of its training: total wall time and each stage's epochs and seconds."""
+    import csv
+    import json
+
+    config = json.loads((bundle / "config.json").read_text())
+    table.add("training", "whole training of this bundle (recorded in config.json)", f"{config['train_seconds'] / 60:.1f} min")
+    for log in sorted((bundle / "logs").glob("*.csv")):
+        rows = list(csv.DictReader(open(log)))
+        seconds = sum(float(r["seconds"]) for r in rows)
+        table.add("training", f"stage {log.stem}", f"{len(rows)} epochs, {seconds:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data folder or manifest (default: realdev)")
@@ -276,6 +289,7 @@ def main() -> None:
     bench_compute(table, samples, args.quick, bf16_supported())
     bench_mlp(table, settings, args.quick)
     if args.bundle:
+        bench_training(table, args.bundle)
         with tempfile.TemporaryDirectory() as work:
             bench_bundle(table, args.bundle, samples, args.quick, Path(work))
     print(f"\nrespiscan benchmark{' (--quick: not for publishing)' if args.quick else ''}, data {args.data}"

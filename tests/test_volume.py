@@ -142,3 +142,21 @@ def test_lung_fraction_counts_air_enclosed_by_the_body():
     assert lung_fraction(chest, air) == pytest.approx(16 / (256 - 4 * 7))
     assert lung_fraction(np.zeros((20, 20), np.uint8), air) == 0.0
     assert lung_fraction(np.full((20, 20), 200, np.uint8), air) == 0.0
+
+
+def test_cli_predicts_a_volume_with_per_slice_scores(bundle, nifti, tmp_path, capsys, monkeypatch):
+    import csv
+    import json
+    import sys
+
+    from respiscan.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["respiscan", "predict", str(bundle), "--ct", str(nifti), "--json",
+                                      "--out", str(tmp_path / "slices.csv")])
+    main()
+    result = json.loads(capsys.readouterr().out)
+    volume = result["ct_volume"]
+    assert result["ct_probability"] == result["probability"] == volume["probability"]
+    assert volume["n_slices"] == len(LAYOUT) and len(volume["slices"]) == len(LAYOUT)
+    rows = list(csv.DictReader(open(tmp_path / "slices.csv")))
+    assert [int(r["index"]) for r in rows] == list(range(len(LAYOUT)))

@@ -88,7 +88,7 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             ct: Optional[Path] = typer.Option(None, help="CT slice image."),
             data: Optional[Path] = typer.Option(None, help="Batch: a data folder/manifest, or a plain folder with --modality."),
             modality: Optional[str] = typer.Option(None, help="Modality of a plain image folder given to --data."),
-            out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv)."),
+            out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv); with a CT volume: its per-slice scores."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per case."),
             engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
             explain: Optional[Path] = typer.Option(None, help="Write Grad-CAM overlays of each input image here."),
@@ -109,6 +109,11 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             if ct and "ct_volume" not in result:  # Grad-CAM explains single images, not volumes
                 images["ct"] = ct
             result["explanations"] = [str(p) for p in write_gradcam(Pipeline(bundle), images, explain)]
+        if "ct_volume" in result and out:
+            from respiscan.utils import write_rows
+
+            write_rows(out, result["ct_volume"]["slices"], ["index", "lung", "lung_fraction", "probability"])
+            typer.echo(f"per-slice scores written to {out}", err=as_json)
         if as_json:
             typer.echo(json.dumps(result))
             return

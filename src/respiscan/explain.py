@@ -5,7 +5,8 @@ shared features, head), not the embedding model's own Dense(1) output, because t
 `predict` reports. It is taken on the backbone that produced the task-specific embedding of the modality.
 
 Target layer rule (any timm CNN): the module that returns `backbone.forward_features(x)`, the last 4-D
-feature map before global pooling. It is found by one probe pass with forward hooks on every submodule: the
+(N, num_features, H, W) feature map before global pooling; token or channels-last outputs (ViT, Swin) are
+refused. It is found by one probe pass with forward hooks on every submodule: the
 target is the last module to finish that returned that very tensor, skipping nn.Identity (which only passes
 it on). That is `layer4` for resnet*/test_resnet, `bn2` (after conv_head) for efficientnet*/test_efficientnet
 and `stages` (after its last stage) for convnext*.
@@ -38,9 +39,10 @@ def target_layer(embedder: EmbeddingNet, size: int) -> tuple[str, nn.Module]:
         for handle in handles:
             handle.remove()
     name = type(backbone).__name__
-    if not (isinstance(features, torch.Tensor) and features.ndim == 4):
-        raise RespiscanError(f"Grad-CAM needs a CNN backbone with a 4-D feature map; {name} gives "
-                             f"{getattr(features, 'shape', type(features).__name__)}")
+    channels = getattr(backbone, "num_features", None)
+    if not (isinstance(features, torch.Tensor) and features.ndim == 4 and features.shape[1] == channels):
+        raise RespiscanError(f"Grad-CAM needs a CNN backbone whose features are a (N, {channels}, H, W) map; "
+                             f"{name} gives {tuple(getattr(features, 'shape', ()))}")
     for layer_name, module, output in reversed(finished):
         if output is features:
             return layer_name, module
@@ -51,8 +53,9 @@ def gradcam(pipeline, image: np.ndarray, modality: str, layer: nn.Module | None 
     """Grad-CAM heat map (S, S) in [0, 1] of the final COVID logit for one preprocessed uint8 (S, S) image.
 
     ReLU(sum_c mean(d logit / d A_c) * A_c) on the target layer's activations A, resized bilinearly to the
-    image and divided by its maximum (all zeros when nothing speaks for COVID). fp32, no autocast: bf16
-    gradients are too coarse. `layer` skips the probe pass when explaining many images.
+    image and divided by its maximum (all zeros when nothing speaks for COVID). fp32 with autocast off, even
+    inside a caller's autocast: bf16 gradients are too coarse. Passing `layer` (from target_layer) skips the
+    probe pass when explaining many images.
     """
     net = getattr(pipeline, "net", None)
     if net is None:
@@ -74,7 +77,7 @@ def gradcam(pipeline, image: np.ndarray, modality: str, layer: nn.Module | None 
 
     handle = layer.register_forward_hook(capture)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
             logit = net(torch.from_numpy(np.ascontiguousarray(image))[None], modality).reshape(())
             (grads,) = torch.autograd.grad(logit, captured[-1])
     finally:
@@ -95,6 +98,8 @@ def explain(pipeline, inputs: dict[str, str | Path], out_dir: str | Path) -> lis
         image = pipeline.prepare(path, modality)
         heatmap = gradcam(pipeline, image, modality)
         probability = float(pipeline.probabilities(image[None], modality)[0])
-        title = f"{Path(path).name} ({modality}): p(COVID) = {probability:.3f}, {pipeline.label(probability, modality)}"
-        written.append(plot_gradcam_overlay(image, heatmap, out_dir / f"{Path(path).stem}_{modality}_gradcam.png", title))
+        label = pipeline.label(probability, modality)
+        title = f"{Path(path).name} ({modality}): p(COVID) = {probability:.3f}, {label}"
+        out = out_dir / f"{Path(path).stem}_{modality}_gradcam.png"
+        written.append(plot_gradcam_overlay(image, heatmap, out, title))
     return written

@@ -33,7 +33,8 @@ def lung_fraction(slice_: np.ndarray, air: float) -> float:
 
     The body is everything not reachable from the image border through air-dark pixels (the air around the
     patient, flood-filled from outside), so the lungs, enclosed by the chest wall, count as body; 0 when the
-    slice holds no body.
+    slice holds no body. Air-dark pixels join through edges only (4-connectivity), so that a wall one pixel
+    thin, even a diagonal one, still encloses.
     """
     dark = (slice_ < air).astype(np.uint8)
     _, labels = cv2.connectedComponents(dark, connectivity=4)

@@ -19,7 +19,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.15
     backbone_fit: ClassifierFit = field(default_factory=lambda: ClassifierFit(
-        epochs=24, patience=8, batch_size=32, lr=2e-3, weight_decay=0.05, warmup_epochs=1))
+        epochs=24, patience=24, batch_size=32, lr=2e-3, weight_decay=0.05, warmup_epochs=1, select="last"))
     mlp_fit: ClassifierFit = field(default_factory=lambda: ClassifierFit(
         epochs=60, patience=12, batch_size=64, lr=3e-4, weight_decay=1e-3, warmup_epochs=1))
     adversarial_epochs: int = 30

@@ -227,6 +227,9 @@ class ClassifierFit:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
+    # "best": keep the epoch with the best validation AUC (early stopping); "last": run the whole schedule and
+    # keep its end, for stages whose small validation split is too noisy to pick an epoch (scratch backbones)
+    select: str = "best"
 
 
 def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
@@ -274,6 +277,8 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         return {"val_loss": loss, "val_auc": auc(yv, logits), "val_acc": float(((logits > 0) == yv).mean())}
 
     monitor = "val_auc" if len(np.unique(y_val.numpy())) == 2 else "val_loss"
+    if settings.select == "last":
+        monitor = None
     checkpoint = EpochCheckpoint(checkpoint_path, optimizer, scheduler, gen) if checkpoint_path else None
     return fit(model, epochs=settings.epochs, train_epoch=train_epoch, validate=validate if len(x_val) else None,
                monitor=monitor, patience=settings.patience, log_path=log_path, desc=desc, checkpoint=checkpoint)
