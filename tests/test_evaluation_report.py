@@ -73,7 +73,7 @@ def test_report_embeds_images_and_tabulates_metrics(evaluation):
                     "## Fused prediction", "## Warnings"):
         assert heading in md and heading[3:] in page
     assert "Youden" in md and "splits.csv" in md and "![roc.png](roc.png)" in md
-    assert "No data audit is recorded" in md
+    assert "Data audit of 48 images: 0 duplicate pair(s) across splits" in md  # recorded by train
 
 
 def _two_source_copy(synth_data: Path, root: Path, groups: bool = True) -> Path:

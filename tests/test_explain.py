@@ -149,7 +149,9 @@ def test_cli_predict_explain_writes_overlays(bundle, synth_data, tmp_path, capsy
     xray, ct = synth_data / "X_Ray_Test" / "COVID" / name, synth_data / "CT_Scan_Test" / "COVID" / name
     monkeypatch.setattr(sys, "argv", ["respiscan", "predict", str(bundle), "--xray", str(xray), "--ct", str(ct),
                                       "--explain", str(tmp_path / "cam"), "--json"])
-    main()
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
     result = json.loads(capsys.readouterr().out)
     assert sorted(Path(p).name for p in result["explanations"]) == [f"{Path(name).stem}_ct_gradcam.png",
                                                                   f"{Path(name).stem}_xray_gradcam.png"]

@@ -153,7 +153,9 @@ def test_cli_predicts_a_volume_with_per_slice_scores(bundle, nifti, tmp_path, ca
 
     monkeypatch.setattr(sys, "argv", ["respiscan", "predict", str(bundle), "--ct", str(nifti), "--json",
                                       "--out", str(tmp_path / "slices.csv")])
-    main()
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
     result = json.loads(capsys.readouterr().out)
     volume = result["ct_volume"]
     assert result["ct_probability"] == result["probability"] == volume["probability"]

@@ -161,7 +161,7 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
 @app.command()
 def audit(data: Path = typer.Argument(..., help="Data folder or manifest."),
           out: Optional[Path] = typer.Option(None, help="Folder for audit.json."),
-          near_threshold: int = typer.Option(4, help="Largest perceptual-hash distance counted as a near duplicate."),
+          near_threshold: int = typer.Option(2, help="Largest perceptual-hash distance counted as a near duplicate."),
           strict: bool = typer.Option(False, help="Exit 2 when an image appears in two splits.")) -> None:
     """Duplicates across splits, class balance per split and source, source/label confounds."""
     from respiscan.data.samples import discover
@@ -196,7 +196,7 @@ def significance(data: Path = typer.Argument(..., help="Data folder or manifest.
 
 @app.command()
 def demo(out: Path = typer.Option(Path("respiscan-demo"), help="Folder for the demo's data, bundle and results."),
-         n_per_class: int = typer.Option(60, help="Synthetic cases per class."), seed: int = typer.Option(0)) -> None:
+         n_per_class: int = typer.Option(150, help="Synthetic cases per class."), seed: int = typer.Option(0)) -> None:
     """Synthesise data, train the whole pipeline, evaluate it and predict one pair (a few minutes on a CPU)."""
     from respiscan.demo import run_demo
 

@@ -14,7 +14,7 @@ from respiscan.training.config import preset
 from respiscan.training.trainer import train
 
 
-def run_demo(out: str | Path, n_per_class: int = 60, seed: int = 0, size: int = 128) -> dict:
+def run_demo(out: str | Path, n_per_class: int = 150, seed: int = 0, size: int = 128) -> dict:
     """synth -> train (tiny preset) -> evaluate on the test split -> predict one X-ray/CT pair."""
     out = Path(out)
     t0 = time.perf_counter()

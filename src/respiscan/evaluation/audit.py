@@ -128,7 +128,7 @@ def _warnings(result: dict) -> list[str]:
     return out
 
 
-def audit(samples: list[Sample], *, near_threshold: int = 4, progress: bool = True) -> dict:
+def audit(samples: list[Sample], *, near_threshold: int = 2, progress: bool = True) -> dict:
     """Duplicates (exact and near, within and across splits), class balance and source/label confounds.
 
     Returns n_images, near_threshold, exact_duplicates and near_duplicates (pairs {a, split_a, b, split_b,
