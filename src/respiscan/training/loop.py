@@ -254,7 +254,7 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         total, count = 0.0, 0
         batches = minibatches(len(x_train), settings.batch_size, gen)
         for idx in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
-                        disable=steps_per_epoch < 20 or not distributed.is_main()):
+                        disable=True if steps_per_epoch < 20 or not distributed.is_main() else None):
             xb = augment(x_train[idx], gen) if augment else x_train[idx]
             mine = distributed.shard(torch.arange(len(idx)))
             with autocast(bf16, device):
