@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ARGS = ["--preset", "tiny", "--backbone", "test_convnext", "--image-size", "48", "--epochs", "2", "--seed", "1"]
 
 

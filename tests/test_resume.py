@@ -48,7 +48,6 @@ def test_killed_run_resumes_to_the_same_bundle(sig, kill_when, synth_data, refer
 
 
 def test_nan_in_cached_embeddings_is_a_clear_error(synth_data, tmp_path):
-    import torch
     from safetensors.torch import save_file
 
     from respiscan.errors import RespiscanError

@@ -1,6 +1,5 @@
 """Discovery of the reference layout, manifests and train/test CSVs; validation carving; their error paths."""
 
-import csv
 from pathlib import Path
 
 import cv2

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from respiscan import __version__
 from respiscan.errors import RespiscanError
 from respiscan.utils import atomic_write, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "respiscan-bundle"
 FORMAT_VERSION = 1
