@@ -104,3 +104,48 @@ def test_preprocess_writes_copies_and_refuses_to_overwrite(synth_data, tmp_path,
     assert cv2.imread(str(copies[0].path), cv2.IMREAD_GRAYSCALE).shape == (32, 32)
     code, _, err = run(["preprocess", synth_data, synth_data / "out"], capsys, monkeypatch)
     assert code == 2 and "outside the data folder" in err
+
+
+def test_info_prints_what_the_bundle_is(bundle, capsys, monkeypatch):
+    code, out, _ = run(["info", bundle], capsys, monkeypatch)
+    assert code == 0
+    assert "test_resnet" in out and "thresholds" in out and "samples_sha256" in out and "sha256" in out
+
+
+def test_inspect_writes_the_panel(synth_data, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    xray, ct = _pair(synth_data)
+    code, out, _ = run(["inspect", xray, ct, "--out", tmp_path / "panel.png"], capsys, monkeypatch)
+    assert code == 0 and Image.open(tmp_path / "panel.png").size[0] > 500
+
+
+def test_audit_strict_fails_on_a_duplicate_across_splits(synth_data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    data = shutil.copytree(synth_data, tmp_path / "data")
+    (data / "manifest.csv").unlink()  # the reference layout alone
+    train_image = sorted((data / "X_Ray_Train" / "COVID").iterdir())[0]
+    shutil.copy(train_image, data / "X_Ray_Test" / "COVID" / "copied.png")
+    code, out, _ = run(["audit", data, "--out", tmp_path / "audit"], capsys, monkeypatch)
+    assert code == 0 and (tmp_path / "audit" / "audit.json").is_file()
+    assert json.loads((tmp_path / "audit" / "audit.json").read_text())["cross_split_duplicates"] >= 1
+    code, _, err = run(["audit", data, "--strict"], capsys, monkeypatch)
+    assert code == 2 and "copied.png" in err
+
+
+def test_export_then_predict_with_onnx_matches_torch(bundle, synth_data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    xray, ct = _pair(synth_data)
+    code, _, _ = run(["export", copy], capsys, monkeypatch)
+    assert code == 0 and (copy / "model_xray.onnx").is_file()
+    results = {}
+    for engine in ("onnx", "torch"):
+        code, out, _ = run(["predict", copy, "--xray", xray, "--ct", ct, "--json", "--engine", engine],
+                           capsys, monkeypatch)
+        assert code == 0
+        results[engine] = json.loads(out)
+    # the torch engine runs bf16 where the CPU has it; ONNX is fp32 (agreement with torch fp32: tests/test_onnx.py)
+    assert results["onnx"]["probability"] == pytest.approx(results["torch"]["probability"], abs=2e-2)
