@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +50,22 @@ class OnnxPipeline(BasePipeline):
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.input, self.output = spec["input"], spec["output"]
-        self.sessions: dict[str, ort.InferenceSession] = {}
-        for modality in self.modalities:
-            graph = spec["graphs"].get(modality)
-            if graph is None:
-                raise RespiscanError(f"{self.bundle}: no ONNX graph for {modality}; run `respiscan export {self.bundle}` again")
+        missing = [m for m in self.modalities if m not in spec["graphs"]]
+        if missing:
+            raise RespiscanError(f"{self.bundle}: no ONNX graph for {missing[0]}; run `respiscan export {self.bundle}` again")
+
+        def session(modality: str) -> "ort.InferenceSession":
+            graph = spec["graphs"][modality]
             # hash the bytes that are loaded, so the checked file is the one that runs
             data = _read(self.bundle / graph["file"], self.bundle)
             if hashlib.sha256(data).hexdigest() != graph["sha256"]:
                 raise RespiscanError(f"{self.bundle / graph['file']}: does not match the hash in config.json "
                                      f"(truncated or modified); run `respiscan export {self.bundle}` again")
-            self.sessions[modality] = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+        # building a session is mostly native work outside the GIL: the graphs load side by side
+        with ThreadPoolExecutor(len(self.modalities)) as pool:
+            self.sessions: dict[str, ort.InferenceSession] = dict(zip(self.modalities, pool.map(session, self.modalities)))
 
     def probabilities(self, images: np.ndarray, modality: str) -> np.ndarray:
         self.check_modality(modality)

@@ -22,7 +22,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from respiscan.data.io import read_image
 from respiscan.data.samples import CLASS_NAMES, Sample
