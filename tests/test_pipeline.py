@@ -107,3 +107,26 @@ def test_same_seed_same_weights(synth_data, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "logs" / "shared_adversarial.csv").read_text().startswith("epoch,gen_loss,disc_loss")
     assert (a / "logs" / "shared_finetune.csv").is_file()
+
+
+def test_bf16_is_the_default_only_where_training_measured_it_harmless(bundle, tmp_path):
+    """The trainer records how far bf16 moves the validation probabilities; the torch engine follows it."""
+    import shutil
+
+    config = read_config(bundle)
+    check = config["bf16_check"]
+    if not bf16_supported():
+        assert check is None and not Pipeline(bundle).bf16
+        pytest.skip("no bf16 on this CPU")
+    assert 0 < check["max_abs_difference"] < 0.2 and check["tolerance"] == 1e-2
+    assert Pipeline(bundle).bf16 == (check["max_abs_difference"] <= 1e-2)
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    for diff, want in ((0.5, False), (0.001, True)):
+        config["bf16_check"]["max_abs_difference"] = diff
+        (copy / "config.json").write_text(json.dumps(config))
+        assert Pipeline(copy).bf16 is want
+        assert Pipeline(copy, bf16=not want).bf16 is (not want)  # an explicit choice wins
+    del config["bf16_check"]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert Pipeline(copy).bf16 is False  # bundles without the measurement run fp32

@@ -30,7 +30,8 @@ from respiscan.evaluation.audit import audit, check_strict
 from respiscan.models.network import MMTLNet
 from respiscan.training import distributed
 from respiscan.training.config import TrainConfig, preset
-from respiscan.training.loop import bf16_supported, predict_logits, resolve_device, train_classifier
+from respiscan.training.loop import (BF16_TOLERANCE, bf16_difference, bf16_supported, predict_logits, resolve_device,
+                                     train_classifier)
 from respiscan.training.stages import embed_images, finetune_adversarial, train_adversarial, train_embedder
 from respiscan.utils import atomic_write, package_versions, seed_everything, write_json, write_rows
 
@@ -66,14 +67,26 @@ class StageStore:
         """Where an unfinished stage keeps its last finished epoch."""
         return self.folder / f"{key}.epoch.safetensors"
 
-    def load_module(self, key: str, module: nn.Module) -> bool:
+    def load_module(self, key: str, module: nn.Module, *logs: Path) -> bool:
+        """Load a finished stage and put its training logs where this run's logs go."""
         if not self._path(key).is_file():
             return False
         module.load_state_dict(load_file(str(self._path(key))))
+        for log_path in logs:
+            kept = self.folder / f"{key}.{log_path.name}"
+            if kept.is_file() and distributed.is_main():
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(log_path, "wb") as f:
+                    f.write(kept.read_bytes())
         log.info("reusing finished stage %s", key)
         return True
 
-    def save_module(self, key: str, module: nn.Module) -> None:
+    def save_module(self, key: str, module: nn.Module, *logs: Path) -> None:
+        """Save a finished stage with copies of its logs (a run that reuses the stage reports them too)."""
+        for log_path in logs:
+            if log_path.is_file() and distributed.is_main():
+                with atomic_write(self.folder / f"{key}.{log_path.name}", "wb") as f:
+                    f.write(log_path.read_bytes())
         self.save_tensors(key, module.state_dict())
 
     def load_tensors(self, key: str) -> dict[str, torch.Tensor] | None:
@@ -141,12 +154,13 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     emb: dict[tuple[str, str], torch.Tensor] = {}
     for key, embedder in net.embedders.items():
         modality = key.split("_", 1)[1]
-        if not store.load_module(keys[key], embedder):
+        stage_log = logs / f"embedding_{key}.csv"
+        if not store.load_module(keys[key], embedder, stage_log):
             train_embedder(embedder, splits[modality, "train"], splits[modality, "val"], cfg.backbone_fit,
                            frozen=frozen, augment=cfg.augment, bf16=bf16, seed=cfg.seed,
-                           log_path=logs / f"embedding_{key}.csv", checkpoint_path=store.epoch_checkpoint(keys[key]),
+                           log_path=stage_log, checkpoint_path=store.epoch_checkpoint(keys[key]),
                            desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})")
-            store.save_module(keys[key], embedder)
+            store.save_module(keys[key], embedder, stage_log)
             store.epoch_checkpoint(keys[key]).unlink(missing_ok=True)
         cached = store.load_tensors(f"embeddings_{keys[key]}")
         if cached is None:
@@ -163,29 +177,31 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
 
     # Stage 2: task-specific MLP per modality.
     for m in cfg.model.modalities:
-        if not store.load_module(keys[f"task_mlp_{m}"], net.task[m]):
+        stage_log = logs / f"task_mlp_{m}.csv"
+        if not store.load_module(keys[f"task_mlp_{m}"], net.task[m], stage_log):
             train_classifier(net.task[m], emb[f"task_{m}", "train"], labels[m, "train"], emb[f"task_{m}", "val"],
-                             labels[m, "val"], cfg.mlp_fit, seed=cfg.seed, log_path=logs / f"task_mlp_{m}.csv",
+                             labels[m, "val"], cfg.mlp_fit, seed=cfg.seed, log_path=stage_log,
                              desc=f"task-specific MLP {m}")
-            store.save_module(keys[f"task_mlp_{m}"], net.task[m])
+            store.save_module(keys[f"task_mlp_{m}"], net.task[m], stage_log)
 
     # Stage 3: shared MLP over both modalities.
-    if net.shared is not None and not store.load_module(keys["shared"], net.shared):
+    shared_logs = [logs / f"shared_{cfg.model.shared}.csv"] + [logs / "shared_finetune.csv"] * (cfg.model.shared == "adversarial")
+    if net.shared is not None and not store.load_module(keys["shared"], net.shared, *shared_logs):
         both = {sp: (torch.cat([emb[shared_key[m], sp] for m in cfg.model.modalities]),
                      torch.cat([labels[m, sp] for m in cfg.model.modalities]),
                      torch.cat([torch.full((len(labels[m, sp]),), float(m == XRAY)) for m in cfg.model.modalities]))
                 for sp in ("train", "val")}
         if cfg.model.shared == "plain":
             train_classifier(net.shared, both["train"][0], both["train"][1], both["val"][0], both["val"][1],
-                             cfg.mlp_fit, seed=cfg.seed, log_path=logs / "shared_plain.csv", desc="shared MLP")
+                             cfg.mlp_fit, seed=cfg.seed, log_path=shared_logs[0], desc="shared MLP")
         else:
             train_adversarial(net.shared, both["train"][0], both["train"][2], both["val"][0], both["val"][2],
-                              cfg.adversarial_epochs, cfg.mlp_fit, seed=cfg.seed, log_path=logs / "shared_adversarial.csv")
+                              cfg.adversarial_epochs, cfg.mlp_fit, seed=cfg.seed, log_path=shared_logs[0])
             target = 1 if cfg.adversarial_finetune == "covid" else 2
             finetune_adversarial(net.shared, (both["train"][0], both["train"][target]),
                                  (both["val"][0], both["val"][target]), cfg.mlp_fit, seed=cfg.seed,
-                                 log_path=logs / "shared_finetune.csv")
-        store.save_module(keys["shared"], net.shared)
+                                 log_path=shared_logs[1])
+        store.save_module(keys["shared"], net.shared, *shared_logs)
 
     # Stage 4: heads on [task-specific ; shared].
     net.eval()
@@ -195,10 +211,11 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
             task_e, shared_e = emb[f"task_{m}", sp], emb[shared_key[m], sp]
             with torch.no_grad():
                 head_x[m, sp] = net.head_features(m, task_e.to(torch_device), shared_e.to(torch_device)).cpu()
-        if not store.load_module(keys[f"head_{m}"], net.heads[m]):
+        stage_log = logs / f"head_{m}.csv"
+        if not store.load_module(keys[f"head_{m}"], net.heads[m], stage_log):
             train_classifier(net.heads[m], head_x[m, "train"], labels[m, "train"], head_x[m, "val"], labels[m, "val"],
-                             cfg.mlp_fit, seed=cfg.seed, log_path=logs / f"head_{m}.csv", desc=f"head {m}")
-            store.save_module(keys[f"head_{m}"], net.heads[m])
+                             cfg.mlp_fit, seed=cfg.seed, log_path=stage_log, desc=f"head {m}")
+            store.save_module(keys[f"head_{m}"], net.heads[m], stage_log)
     net.eval()
 
     # Validation probabilities -> operating thresholds and validation metrics (never the test split).
@@ -214,6 +231,13 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         val_rows += [{"id": i, "modality": m, "label": CLASS_NAMES[int(t)], "probability": float(q)}
                      for i, t, q in zip(val_ids, y, p)]
     thresholds["fused"] = 0.5
+    # Prediction may use bf16 only if it keeps this bundle's validation probabilities close to fp32's.
+    bf16_check = None
+    if bf16 and distributed.is_main():
+        diff = max(bf16_difference(lambda x, m=m: net(x, m), splits[m, "val"][0], torch_device)
+                   for m in cfg.model.modalities)
+        bf16_check = {"max_abs_difference": diff, "tolerance": BF16_TOLERANCE, "images": "validation split",
+                      "prediction_default": "bf16" if diff <= BF16_TOLERANCE else "fp32"}
     counts = Counter(f"{s.modality}/{s.split}/{CLASS_NAMES[s.label]}" for s in fit_samples)
     config = {
         "model": cfg.model.to_dict(), "preprocess": cfg.preprocess.to_dict(), "class_names": list(CLASS_NAMES),
@@ -222,7 +246,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         "data": {"path": str(Path(data).resolve()), "fingerprint": data_fingerprint, "counts": dict(sorted(counts.items())),
                  "skipped": [{"id": i, "reason": r} for i, r in skipped]},
         "audit": {k: found[k] for k in ("n_images", "cross_split_duplicates", "near_threshold", "confounds", "warnings")},
-        "validation_metrics": val_metrics, "train_seconds": round(time.perf_counter() - t_start, 1),
+        "validation_metrics": val_metrics, "bf16_check": bf16_check, "train_seconds": round(time.perf_counter() - t_start, 1),
     }
     if not distributed.is_main():
         return out
