@@ -195,3 +195,14 @@ def test_task_is_learnable_but_not_trivial(modality: str, one_torch_thread: None
 
     cnn_auc = _tiny_cnn_auc(images, labels, n_train=300)
     assert cnn_auc > 0.7, f"a tiny CNN cannot learn {modality}: held-out AUC {cnn_auc:.3f}"
+
+
+def test_ct_lungs_stay_inside_the_chest_wall() -> None:
+    """Lung air never joins the air outside the body (a lung through the chest wall would be a free,
+    unrealistic cue, and would put opacities on the body's edge)."""
+    for seed in range(40):
+        image, _ = make_image("ct", seed % 2 == 0, 160, np.random.default_rng([seed, 2]))
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((image < 60).astype(np.uint8), connectivity=8)
+        outside = labels[0, 0]
+        lungs = [k for k in range(1, n) if k != outside and stats[k, cv2.CC_STAT_AREA] > 0.01 * image.size]
+        assert len(lungs) >= 2, f"seed {seed}: a lung joins the outside air"

@@ -310,12 +310,13 @@ def _ct(covid: bool, size: int, rng: np.random.Generator) -> tuple[np.ndarray, n
                                      _ellipse(X, Y, cx, cy - 0.02, 0.07, 0.24, edge=0.1)])
     img += 0.05 * aorta
 
+    chest_cavity = _ellipse(X, Y, cx, cy, rx - 0.05, ry_map - 0.05, edge=0.03, power=2.4)  # lungs stay off the wall
     lungs, hila = [], []
     for sign in (-1, 1):
         lx = cx + sign * rng.uniform(0.17, 0.2)
         lungs.append(_ellipse(X, Y, lx, cy + rng.uniform(-0.01, 0.02), rng.uniform(0.13, 0.16),
                               ry * rng.uniform(0.72, 0.8), sign * rng.uniform(-0.1, 0.15), edge=0.04)
-                     * (1 - mediastinum))
+                     * (1 - mediastinum) * chest_cavity)
         hila.append(np.array([cx + sign * 0.09, cy]))
     lung = np.maximum(*lungs)
 
