@@ -110,6 +110,7 @@ def test_info_prints_what_the_bundle_is(bundle, capsys, monkeypatch):
     code, out, _ = run(["info", bundle], capsys, monkeypatch)
     assert code == 0
     assert "test_resnet" in out and "thresholds" in out and "samples_sha256" in out and "sha256" in out
+    assert "bf16 " in out and ("torch engine runs" in out)
 
 
 def test_inspect_writes_the_panel(synth_data, tmp_path, capsys, monkeypatch):

@@ -246,6 +246,10 @@ def info(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     typer.echo(f"versions      {config.get('versions')}")
     for m, metrics in config.get("validation_metrics", {}).items():
         typer.echo(f"validation    {m}: AUC {_fmt(metrics.get('roc_auc'))}, accuracy {_fmt(metrics.get('accuracy'))}")
+    check = config.get("bf16_check")
+    typer.echo("bf16          " + ("not measured: the torch engine runs fp32" if not check else
+               f"max |p_bf16 - p_fp32| {check['max_abs_difference']:.2e} on validation (tolerance "
+               f"{check['tolerance']:g}): the torch engine runs {check['prediction_default']}"))
     typer.echo(f"weights       sha256 {config['weights_sha256']}")
 
 

@@ -54,6 +54,6 @@ def preset(name: str) -> TrainConfig:
             preset="tiny", model=ModelSpec(task_backbones={"xray": "resnet18", "ct": "resnet18"}),
             preprocess=PreprocessConfig(size=96),
             backbone_fit=ClassifierFit(epochs=12, patience=5, batch_size=32, lr=2e-3, weight_decay=0.05),
-            mlp_fit=ClassifierFit(epochs=30, patience=8, batch_size=64, lr=1e-3, weight_decay=1e-3),
+            mlp_fit=ClassifierFit(epochs=30, patience=8, batch_size=64, lr=3e-4, weight_decay=1e-3),
             adversarial_epochs=10)
     raise RespiscanError(f"unknown preset {name!r}; accepted: fast, seed, tiny")

@@ -247,8 +247,14 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
                      y_val: torch.Tensor, settings: ClassifierFit, *, seed: int = 0, bf16: bool = False,
                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                      params: list[nn.Parameter] | None = None, log_path: Path | None = None,
-                     desc: str = "train", checkpoint_path: Path | None = None) -> FitResult:
-    """Fit `model(x) -> logit` with BCE; model selection on validation AUC (never on test)."""
+                     desc: str = "train", checkpoint_path: Path | None = None, shard: bool = True) -> FitResult:
+    """Fit `model(x) -> logit` with BCE; model selection on validation AUC (never on test).
+
+    Under torchrun with `shard`, each rank takes its shard of every batch and the loss is scaled so that DDP's
+    gradient average equals the single-process gradient of the whole batch. Without `shard` (the small MLP
+    stages, where communication would cost more than it saves and per-shard BatchNorm statistics would change
+    the result) every rank trains the same model on the same batches, exactly as a single process does.
+    """
     torch.manual_seed(seed)  # dropout draws from the global generator: same seed, same stage, resumed or not
     gen = torch.Generator().manual_seed(seed)
     device = device_of(model)
@@ -257,9 +263,9 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     steps_per_epoch = max(1, len(x_train) // settings.batch_size)
     scheduler = warmup_cosine(optimizer, settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch)
     y_train = y_train.float()
-    # Under torchrun each rank takes its shard of every batch; the loss is scaled so that DDP's gradient
-    # average equals the single-process gradient of the whole batch.
-    step_model = DistributedDataParallel(model) if distributed.active() else model
+    sharded = shard and distributed.active()
+    step_model = DistributedDataParallel(model) if sharded else model
+    world = distributed.world() if sharded else 1
 
     def train_epoch(epoch: int) -> dict[str, float]:
         total, count = 0.0, 0
@@ -267,17 +273,18 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         for idx in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
                         disable=True if steps_per_epoch < 20 or not distributed.is_main() else None):
             xb = augment(x_train[idx], gen) if augment else x_train[idx]
-            mine = distributed.shard(torch.arange(len(idx)))
+            mine = distributed.shard(torch.arange(len(idx))) if sharded else torch.arange(len(idx))
             with autocast(bf16, device):
                 logits = step_model(xb[mine].to(device, non_blocking=True)).float()
             loss_sum = F.binary_cross_entropy_with_logits(logits, y_train[idx][mine].to(device), reduction="sum")
             optimizer.zero_grad(set_to_none=True)
-            (loss_sum * distributed.world() / len(idx)).backward()
+            (loss_sum * world / len(idx)).backward()
             optimizer.step()
             scheduler.step()
             total += loss_sum.item()
             count += len(mine)
-        total, count = distributed.all_sum([total, count])
+        if sharded:
+            total, count = distributed.all_sum([total, count])
         return {"train_loss": total / max(count, 1), "lr": scheduler.get_last_lr()[0]}
 
     def validate() -> dict[str, float]:

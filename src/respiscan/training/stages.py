@@ -127,11 +127,11 @@ def train_adversarial(shared: AdversarialSharedMLP, emb: torch.Tensor, modality:
 
 def finetune_adversarial(shared: AdversarialSharedMLP, train: tuple[torch.Tensor, torch.Tensor],
                          val: tuple[torch.Tensor, torch.Tensor], settings: ClassifierFit, *, seed: int,
-                         log_path: Path | None, desc: str = "shared fine-tune", bf16: bool = False) -> FitResult:
+                         log_path: Path | None, desc: str = "shared fine-tune") -> FitResult:
     """Train LeakyReLU + 640 + LeakyReLU + Dense(1) on the frozen generator's output."""
     shared.generator.requires_grad_(False)
     params = [p for n, p in shared.named_parameters() if not n.startswith(("generator.", "discriminator."))]
-    result = train_classifier(shared, *train, *val, settings, seed=seed, bf16=bf16, params=params, log_path=log_path,
-                              desc=desc)
+    result = train_classifier(shared, *train, *val, settings, seed=seed, params=params, log_path=log_path, desc=desc,
+                              shard=False)
     shared.generator.requires_grad_(True)
     return result

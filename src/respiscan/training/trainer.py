@@ -180,7 +180,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         stage_log = logs / f"task_mlp_{m}.csv"
         if not store.load_module(keys[f"task_mlp_{m}"], net.task[m], stage_log):
             train_classifier(net.task[m], emb[f"task_{m}", "train"], labels[m, "train"], emb[f"task_{m}", "val"],
-                             labels[m, "val"], cfg.mlp_fit, seed=cfg.seed, bf16=bf16, log_path=stage_log,
+                             labels[m, "val"], cfg.mlp_fit, seed=cfg.seed, log_path=stage_log, shard=False,
                              desc=f"task-specific MLP {m}")
             store.save_module(keys[f"task_mlp_{m}"], net.task[m], stage_log)
 
@@ -193,13 +193,13 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
                 for sp in ("train", "val")}
         if cfg.model.shared == "plain":
             train_classifier(net.shared, both["train"][0], both["train"][1], both["val"][0], both["val"][1],
-                             cfg.mlp_fit, seed=cfg.seed, bf16=bf16, log_path=shared_logs[0], desc="shared MLP")
+                             cfg.mlp_fit, seed=cfg.seed, log_path=shared_logs[0], desc="shared MLP", shard=False)
         else:
             train_adversarial(net.shared, both["train"][0], both["train"][2], both["val"][0], both["val"][2],
                               cfg.adversarial_epochs, cfg.mlp_fit, seed=cfg.seed, log_path=shared_logs[0])
             target = 1 if cfg.adversarial_finetune == "covid" else 2
             finetune_adversarial(net.shared, (both["train"][0], both["train"][target]),
-                                 (both["val"][0], both["val"][target]), cfg.mlp_fit, seed=cfg.seed, bf16=bf16,
+                                 (both["val"][0], both["val"][target]), cfg.mlp_fit, seed=cfg.seed,
                                  log_path=shared_logs[1])
         store.save_module(keys["shared"], net.shared, *shared_logs)
 
@@ -214,7 +214,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
         stage_log = logs / f"head_{m}.csv"
         if not store.load_module(keys[f"head_{m}"], net.heads[m], stage_log):
             train_classifier(net.heads[m], head_x[m, "train"], labels[m, "train"], head_x[m, "val"], labels[m, "val"],
-                             cfg.mlp_fit, seed=cfg.seed, bf16=bf16, log_path=stage_log, desc=f"head {m}")
+                             cfg.mlp_fit, seed=cfg.seed, log_path=stage_log, desc=f"head {m}", shard=False)
             store.save_module(keys[f"head_{m}"], net.heads[m], stage_log)
     net.eval()
 
