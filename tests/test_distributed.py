@@ -30,3 +30,47 @@ def test_two_process_ddp_matches_single_process(synth_data, tmp_path):
     assert worst < 5e-2, f"largest probability difference {worst:.2e}"
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == \
         sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith("."))
+
+
+def _mlp_rank(rank: int, store: str, out: str, shard: bool) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        save_file({k: v.contiguous() for k, v in _fit_mlp(shard).items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _fit_mlp(shard: bool) -> dict:
+    import torch
+
+    from respiscan.models.mlp import TaskSpecificMLP
+    from respiscan.training.loop import ClassifierFit, train_classifier
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1280, generator=gen)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = TaskSpecificMLP("xray")
+    train_classifier(model, x[:64], y[:64], x[64:], y[64:], ClassifierFit(epochs=3, patience=3, batch_size=32),
+                     seed=0, shard=shard)
+    return model.state_dict()
+
+
+def test_unsharded_mlp_stage_trains_on_every_rank_as_one_process(tmp_path):
+    """shard=False (the MLP stages): each rank's model equals the single-process one exactly; sharding the
+    batches instead changes it (BatchNorm sees half a batch), which is why the MLP stages do not shard."""
+    import torch
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    single = _fit_mlp(shard=False)
+    for shard in (False, True):
+        out = tmp_path / f"mlp-{shard}"
+        mp.spawn(_mlp_rank, args=(str(tmp_path / f"store-{shard}"), str(out), shard), nprocs=2)
+        ranks = [load_file(f"{out}.{r}") for r in (0, 1)]
+        same = all(torch.equal(ranks[r][k], single[k]) for r in (0, 1) for k in single)
+        assert same is (not shard), shard
