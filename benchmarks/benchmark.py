@@ -39,7 +39,8 @@ from respiscan.data.samples import Sample, discover
 from respiscan.models.backbone import EmbeddingNet
 from respiscan.models.mlp import TaskSpecificMLP
 from respiscan.training.config import TrainConfig
-from respiscan.training.loop import ClassifierFit, auc, autocast, bf16_supported, predict_logits, train_classifier
+from respiscan.runtime import autocast, bf16_supported, predict_logits
+from respiscan.training.loop import ClassifierFit, auc, train_classifier
 from respiscan.training.stages import embed_images
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "realdev"
@@ -209,7 +210,7 @@ def cold_predict(bundle: Path, case: dict[str, Path], engine: str) -> tuple[floa
         command, how = cli, "`respiscan predict`"
     else:
         kwargs = {m: str(path) for m, path in case.items()}
-        code = f"from respiscan.onnx_engine import OnnxPipeline; print(OnnxPipeline({str(bundle)!r}).predict(**{kwargs!r}))"
+        code = f"from respiscan.serving.onnx_engine import OnnxPipeline; print(OnnxPipeline({str(bundle)!r}).predict(**{kwargs!r}))"
         command, how = [sys.executable, "-c", code], "`python -c` with OnnxPipeline (no --engine yet)"
     t0 = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -219,9 +220,9 @@ def cold_predict(bundle: Path, case: dict[str, Path], engine: str) -> tuple[floa
 
 
 def bench_bundle(table: Table, bundle: Path, samples: list[Sample], quick: bool, work: Path) -> None:
-    from respiscan.export import export_onnx
-    from respiscan.onnx_engine import OnnxPipeline, has_graph
-    from respiscan.predict import Pipeline
+    from respiscan.serving.export import export_onnx
+    from respiscan.serving.onnx_engine import OnnxPipeline, has_graph
+    from respiscan.serving.torch_engine import Pipeline
 
     if not has_graph(bundle):
         copy = work / "bundle"

@@ -12,7 +12,7 @@ import pytest
 
 from respiscan.data.samples import discover
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.audit import audit, check_strict, format_audit
+from respiscan.data.audit import audit, check_strict, format_audit
 
 FIELDS = ["path", "modality", "label", "split", "group", "source"]
 

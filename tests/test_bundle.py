@@ -7,7 +7,7 @@ import pytest
 
 from respiscan.bundle import read_config
 from respiscan.errors import RespiscanError
-from respiscan.predict import Pipeline
+from respiscan.serving.torch_engine import Pipeline
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from respiscan.evaluation.evaluate import evaluate
-from respiscan.evaluation.metrics import SCALAR_METRICS
+from respiscan.metrics import SCALAR_METRICS
 
 PLOTS = ("roc", "pr", "confusion", "reliability", "training_curves")
 

@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.metrics import (
+from respiscan.metrics import (
     SCALAR_METRICS,
     _weighted_metrics,
     binary_metrics,

@@ -14,9 +14,10 @@ from respiscan.bundle import read_config
 from respiscan.data.images import load_dataset_images
 from respiscan.data.samples import discover
 from respiscan.errors import RespiscanError
-from respiscan.export import export_onnx
-from respiscan.onnx_engine import OnnxPipeline, open_pipeline
-from respiscan.predict import Pipeline
+from respiscan.serving.export import export_onnx
+from respiscan.serving import load as open_pipeline
+from respiscan.serving.onnx_engine import OnnxPipeline
+from respiscan.serving.torch_engine import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_predict_gives_the_same_fused_result(exported, pair):
 
 def test_onnx_engine_does_not_import_torch(exported, pair):
     code = ("import json, sys\n"
-            "from respiscan.onnx_engine import open_pipeline\n"
+            "from respiscan.serving import load as open_pipeline\n"
             f"r = open_pipeline({str(exported)!r}).predict(xray={str(pair['xray'])!r}, ct={str(pair['ct'])!r})\n"
             "heavy = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)\n"
             "print(json.dumps({'heavy': heavy, 'result': r}))\n")
@@ -114,7 +115,7 @@ def test_missing_graph_says_to_export(bundle):
 def test_export_refuses_a_graph_that_disagrees(bundle, tmp_path, monkeypatch):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    monkeypatch.setattr("respiscan.export.TOLERANCE", -1.0)
+    monkeypatch.setattr("respiscan.serving.export.TOLERANCE", -1.0)
     with pytest.raises(RespiscanError, match="differs from the torch model"):
         export_onnx(copy)
     assert "onnx" not in read_config(copy)

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from respiscan.bundle import read_config
 from respiscan.data.samples import discover
 from respiscan.evaluation.evaluate import evaluate, pair_cases
-from respiscan.evaluation.metrics import binary_metrics
-from respiscan.predict import Pipeline
-from respiscan.training.loop import bf16_supported
+from respiscan.metrics import binary_metrics
+from respiscan.serving.torch_engine import Pipeline
+from respiscan.runtime import bf16_supported
 from respiscan.training.trainer import train
 
 from conftest import tiny_config

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from respiscan.errors import RespiscanError
-from respiscan.evaluation import inspect_panel, plots
+from respiscan.data import inspect_panel
+from respiscan.evaluation import plots
+from respiscan.serving import explain
 
 
 def _scores(rng: np.random.Generator, n: int = 120) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +133,9 @@ def test_gradcam_overlay(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (96, 80), dtype=np.uint8)
     heat = rng.random((7, 7))
-    _assert_png(plots.plot_gradcam_overlay(image, heat, tmp_path / "cam.png", "COVID (p = 0.91)"))
+    _assert_png(explain.plot_gradcam_overlay(image, heat, tmp_path / "cam.png", "COVID (p = 0.91)"))
     with pytest.raises(RespiscanError):
-        plots.plot_gradcam_overlay(image.astype(float), heat, tmp_path / "bad.png", "bad")
+        explain.plot_gradcam_overlay(image.astype(float), heat, tmp_path / "bad.png", "bad")
 
 
 def test_operations_keep_shape() -> None:

@@ -9,7 +9,7 @@ from itertools import product
 import pytest
 
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.significance import CONFIGS, run_significance
+from respiscan.experiments.significance import CONFIGS, run_significance
 
 from conftest import tiny_config
 

@@ -11,8 +11,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from respiscan.data.io import DicomWindow, read_volume
 from respiscan.data.synth import make_image
 from respiscan.errors import RespiscanError
-from respiscan.predict import Pipeline
-from respiscan.volume import AGGREGATION, air_level, lung_fraction, score_volume
+from respiscan.serving.torch_engine import Pipeline
+from respiscan.serving.volume import AGGREGATION, air_level, lung_fraction, score_volume
 
 SIZE = 96
 # slice kinds from inferior to superior: air beyond the patient, abdomen, chest slices (COVID or not), air

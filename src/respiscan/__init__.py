@@ -1,6 +1,6 @@
 """respiscan: COVID-19 detection from chest X-rays and CT with multi-modal multi-task learning.
 
-`respiscan.train(data, out)`, `respiscan.load(bundle).predict(xray=..., ct=...)`, `respiscan.preprocess(...)`.
+`respiscan.train(data, out)`, `respiscan.load(bundle, engine="auto").predict(xray=..., ct=...)`, `respiscan.preprocess(...)`.
 Imports are lazy so that `import respiscan` (and the ONNX prediction path) does not pull in torch.
 """
 
@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return train
     if name == "load":
-        from respiscan.predict import load
+        from respiscan.serving import load
 
         return load
     if name == "preprocess":

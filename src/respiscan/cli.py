@@ -94,16 +94,16 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             explain: Optional[Path] = typer.Option(None, help="Write Grad-CAM overlays of each input image here."),
             strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
     """Predict one case (--xray and/or --ct) or a batch (--data)."""
-    from respiscan.onnx_engine import open_pipeline
+    from respiscan.serving import load as load_pipeline
 
     if data is None and xray is None and ct is None:
         raise RespiscanError("give --xray and/or --ct, or --data for a batch")
-    pipe = open_pipeline(bundle, engine)
+    pipe = load_pipeline(bundle, engine)
     if data is None:
         result = pipe.predict(xray=xray, ct=ct)
         if explain:
-            from respiscan.explain import explain as write_gradcam
-            from respiscan.predict import Pipeline
+            from respiscan.serving.explain import explain as write_gradcam
+            from respiscan.serving.torch_engine import Pipeline
 
             images = {"xray": xray} if xray else {}
             if ct and "ct_volume" not in result:  # Grad-CAM explains single images, not volumes
@@ -128,7 +128,7 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             typer.echo(f"Grad-CAM: {path}")
         return
     from respiscan.data.samples import folder_samples, discover
-    from respiscan.inference import write_predictions
+    from respiscan.serving.pipeline import write_predictions
 
     samples = folder_samples(data, modality) if modality else discover(data)
     rows, skipped = pipe.predict_samples(samples, strict=strict)
@@ -165,7 +165,7 @@ def audit(data: Path = typer.Argument(..., help="Data folder or manifest."),
           strict: bool = typer.Option(False, help="Exit 2 when an image appears in two splits.")) -> None:
     """Duplicates across splits, class balance per split and source, source/label confounds."""
     from respiscan.data.samples import discover
-    from respiscan.evaluation.audit import audit as run_audit, check_strict, format_audit
+    from respiscan.data.audit import audit as run_audit, check_strict, format_audit
     from respiscan.utils import write_json
 
     result = run_audit(discover(data), near_threshold=near_threshold)
@@ -183,7 +183,7 @@ def significance(data: Path = typer.Argument(..., help="Data folder or manifest.
                  preset: str = typer.Option("fast", help="Training preset of every run."),
                  seed: int = typer.Option(0, help="First seed.")) -> None:
     """Full model vs task-specific only vs adversarial shared, over seeds: ANOVA, paired, DeLong, McNemar."""
-    from respiscan.evaluation.significance import run_significance
+    from respiscan.experiments.significance import run_significance
     from respiscan.training.config import preset as make_preset
 
     cfg = make_preset(preset)
@@ -198,7 +198,7 @@ def significance(data: Path = typer.Argument(..., help="Data folder or manifest.
 def demo(out: Path = typer.Option(Path("respiscan-demo"), help="Folder for the demo's data, bundle and results."),
          n_per_class: int = typer.Option(150, help="Synthetic cases per class."), seed: int = typer.Option(0)) -> None:
     """Synthesise data, train the whole pipeline, evaluate it and predict one pair (a few minutes on a CPU)."""
-    from respiscan.demo import run_demo
+    from respiscan.experiments.demo import run_demo
 
     run_demo(out, n_per_class=n_per_class, seed=seed)
 
@@ -207,7 +207,7 @@ def demo(out: Path = typer.Option(Path("respiscan-demo"), help="Folder for the d
 def export(bundle: Path = typer.Argument(..., help="Bundle folder."),
            opset: int = typer.Option(17, help="ONNX opset.")) -> None:
     """Write the bundle's network as ONNX graphs (one per modality) for fast, torch-free prediction."""
-    from respiscan.export import export_onnx
+    from respiscan.serving.export import export_onnx
 
     for modality, path in export_onnx(bundle, opset=opset).items():
         typer.echo(f"{modality}: {path}")
@@ -219,7 +219,7 @@ def inspect(xray: Path = typer.Argument(..., help="One chest X-ray image."),
             out: Path = typer.Option(Path("panel.png"), help="PNG to write.")) -> None:
     """The reference's sample-processing panel (thresholds, blurs, morphology, edges, equalisation)."""
     from respiscan.data.io import read_image
-    from respiscan.evaluation.inspect_panel import sample_panel
+    from respiscan.data.inspect_panel import sample_panel
 
     typer.echo(f"panel written to {sample_panel(read_image(xray, 'xray'), read_image(ct, 'ct'), out)}")
 

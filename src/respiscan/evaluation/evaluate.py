@@ -14,12 +14,12 @@ import numpy as np
 
 from respiscan.data.samples import CLASS_NAMES, Sample, discover
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.audit import class_balance, source_of
-from respiscan.evaluation.metrics import binary_metrics, bootstrap_ci
+from respiscan.data.audit import class_balance, source_of
+from respiscan.metrics import binary_metrics, bootstrap_ci
 from respiscan.evaluation.plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_training_curves
 from respiscan.evaluation.report import KIND_NAMES, read_splits, write_report
-from respiscan.inference import fuse
-from respiscan.predict import Pipeline
+from respiscan.serving.pipeline import fuse
+from respiscan.serving.torch_engine import Pipeline
 from respiscan.utils import write_json, write_rows
 
 N_RESAMPLES = 1000

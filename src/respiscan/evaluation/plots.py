@@ -1,4 +1,4 @@
-"""Paper figures: ROC, precision-recall, confusion matrices, reliability, training curves, Grad-CAM.
+"""Paper figures: ROC, precision-recall, confusion matrices, reliability, training curves.
 
 Every function builds its own `Figure` on an Agg canvas (no pyplot, no global state, safe in threads and on
 headless machines), writes a 150-dpi PNG atomically and returns its path. COVID (label 1) is the positive
@@ -17,37 +17,17 @@ import cv2
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from respiscan.data.samples import CLASS_NAMES
 from respiscan.errors import RespiscanError
-from respiscan.utils import atomic_write
+from respiscan.figures import new_figure, save_png
 
-DPI = 150
 LOSS_KEYS = ("loss",)
 SCORE_KEYS = ("auc", "acc", "f1", "sens", "spec")
 
 Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    """Atomic so a viewer or a half-finished run never leaves a truncated PNG behind."""
-    path = Path(path)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.05)
-        os.chmod(f.name, 0o644)  # mkstemp makes 0600; a figure is meant to be shared
-    return path
 
 
 def _style(ax: Axes) -> None:
@@ -97,7 +77,7 @@ def _note(ax: Axes, text: str) -> None:
 def plot_roc(curves: Curves, path: str | Path, operating_points: Mapping[str, float] | None = None) -> Path:
     """ROC curves with AUC in the legend, the chosen threshold marked, and the chance diagonal."""
     data = _checked(curves, operating_points)
-    fig = _figure(5.2, 5.2)
+    fig = new_figure(5.2, 5.2)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
     for i, (name, (y, p)) in enumerate(data.items()):
@@ -116,13 +96,13 @@ def plot_roc(curves: Curves, path: str | Path, operating_points: Mapping[str, fl
            xlabel="False positive rate (1 − specificity)", ylabel="True positive rate (sensitivity)")
     _style(ax)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_pr(curves: Curves, path: str | Path, operating_points: Mapping[str, float] | None = None) -> Path:
     """Precision-recall curves with average precision; the prevalence line is what a random ranking scores."""
     data = _checked(curves, operating_points)
-    fig = _figure(5.2, 6.4)
+    fig = new_figure(5.2, 6.4)
     ax = fig.add_subplot()
     prevalences = {name: float(y.mean()) for name, (y, _) in data.items() if len(np.unique(y)) == 2}
     shared = len(set(prevalences.values())) <= 1
@@ -152,14 +132,14 @@ def plot_pr(curves: Curves, path: str | Path, operating_points: Mapping[str, flo
            xlabel="Recall (sensitivity)", ylabel="Precision (PPV)")
     _style(ax)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_confusion(cms: Mapping[str, Mapping[str, int]], path: str | Path) -> Path:
     """One confusion matrix per model; colour is the row fraction so classes of unequal size compare fairly."""
     if not cms:
         raise RespiscanError("no confusion matrices to plot")
-    fig = _figure(3.4 * len(cms) + 0.9, 3.6)
+    fig = new_figure(3.4 * len(cms) + 0.9, 3.6)
     axes = fig.subplots(1, len(cms), squeeze=False)[0]
     image = None
     for ax, (name, cm) in zip(axes, cms.items()):
@@ -182,7 +162,7 @@ def plot_confusion(cms: Mapping[str, Mapping[str, int]], path: str | Path) -> Pa
         for label in ax.get_yticklabels():
             label.set_verticalalignment("center")
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="Fraction of true class")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,7 +180,7 @@ def plot_reliability(curves: Curves, path: str | Path, n_bins: int = 10) -> Path
     if n_bins < 1:
         raise RespiscanError(f"n_bins must be >= 1, got {n_bins}")
     data = _checked(curves, None)
-    fig = _figure(5.2, 6.4)
+    fig = new_figure(5.2, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfect calibration")
     edges = np.linspace(0, 1, n_bins + 1)
@@ -218,7 +198,7 @@ def plot_reliability(curves: Curves, path: str | Path, n_bins: int = 10) -> Path
     bottom.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
     for ax in (top, bottom):
         _style(ax)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _read_log(path: Path) -> dict[str, np.ndarray]:
@@ -260,7 +240,7 @@ def plot_training_curves(logs: Mapping[str, str | Path], path: str | Path) -> Pa
         raise RespiscanError("no training logs to plot")
     ncols = min(len(logs), 3)
     nrows = math.ceil(len(logs) / ncols)
-    fig = _figure(5.0 * ncols, 4.0 * nrows)
+    fig = new_figure(5.0 * ncols, 4.0 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(logs):]:
         ax.set_visible(False)
@@ -300,28 +280,4 @@ def plot_training_curves(logs: Mapping[str, str | Path], path: str | Path) -> Pa
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8,
                   ncol=len(handles) if len(handles) <= 4 else math.ceil(len(handles) / 2), frameon=False)
-    return _save(fig, path)
-
-
-def plot_gradcam_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str) -> Path:
-    """Input beside its Grad-CAM overlay, so the reader can see what the heat covers."""
-    img = np.asarray(image)
-    if img.ndim != 2 or img.dtype != np.uint8 or img.size == 0:
-        raise RespiscanError(f"gradcam image must be a grey uint8 HxW array, got {img.dtype} {img.shape}")
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.ndim != 2 or heat.size == 0 or not np.isfinite(heat).all():
-        raise RespiscanError(f"gradcam heatmap must be a finite float HxW array, got shape {heat.shape}")
-    heat = np.clip(cv2.resize(heat, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR), 0, 1)
-    h, w = img.shape
-    fig = _figure(2 * 3.6 * w / max(h, w) + 1.0, 3.6 * h / max(h, w) + 0.7)
-    left, right = fig.subplots(1, 2)
-    left.imshow(img, cmap="gray", vmin=0, vmax=255)
-    left.set_title("Input")
-    right.imshow(img, cmap="gray", vmin=0, vmax=255)
-    right.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.45)
-    right.set_title("Grad-CAM overlay")
-    for ax in (left, right):
-        ax.set_axis_off()
-    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=right, fraction=0.046, pad=0.03, label="Activation")
-    fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -15,8 +15,8 @@ from pathlib import Path
 from respiscan import __version__
 from respiscan.bundle import read_config
 from respiscan.data.samples import CLASS_NAMES, Sample
-from respiscan.evaluation.audit import class_balance, source_of
-from respiscan.evaluation.metrics import SCALAR_METRICS
+from respiscan.data.audit import class_balance, source_of
+from respiscan.metrics import SCALAR_METRICS
 from respiscan.utils import atomic_write
 
 KIND_NAMES = {"xray": "X-ray", "ct": "CT", "fused": "Fused"}

@@ -12,7 +12,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.metrics import check_binary_inputs, check_labels
+from respiscan.metrics import check_binary_inputs, check_labels
 
 _NOISE = 1e-12  # a standard error or spread below this is rounding noise: treated as zero
 _MCNEMAR_EXACT_BELOW = 25  # discordant pairs; the chi-square approximation is poor for fewer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,30 +10,7 @@ from torch import nn
 from respiscan.errors import RespiscanError
 from respiscan.models.backbone import EmbeddingNet
 from respiscan.models.mlp import FEATURE_DIM, AdversarialSharedMLP, Head, SharedMLP, TaskSpecificMLP
-
-SHARED_KINDS = ("plain", "adversarial", "none")
-
-
-@dataclass
-class ModelSpec:
-    """Everything needed to rebuild the network's structure (weights come from the bundle)."""
-
-    modalities: list[str] = field(default_factory=lambda: ["xray", "ct"])
-    task_backbones: dict[str, str] = field(default_factory=lambda: {"xray": "resnet18", "ct": "resnet18"})
-    # None: the task-specific embedding model of each modality also feeds the shared MLP (faster presets)
-    shared_backbones: dict[str, str] | None = None
-    shared: str = "plain"
-
-    def __post_init__(self) -> None:
-        if self.shared not in SHARED_KINDS:
-            raise RespiscanError(f"unknown shared kind {self.shared!r}; accepted: {', '.join(SHARED_KINDS)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+from respiscan.models.spec import ModelSpec
 
 
 def resolve_weights(pretrained: bool | str | Path, backbone: str) -> bool | str:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.errors import RespiscanError
-from respiscan.models.network import ModelSpec
+from respiscan.models.spec import ModelSpec
 from respiscan.training.loop import ClassifierFit
 
 

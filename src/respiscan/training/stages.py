@@ -14,7 +14,8 @@ from tqdm import tqdm
 from respiscan.models.backbone import EmbeddingNet
 from respiscan.training import distributed
 from respiscan.models.mlp import AdversarialSharedMLP
-from respiscan.training.loop import ClassifierFit, FitResult, auc, autocast, device_of, fit, minibatches, train_classifier
+from respiscan.runtime import autocast, device_of, minibatches
+from respiscan.training.loop import ClassifierFit, FitResult, auc, fit, train_classifier
 
 
 def random_affine(images: torch.Tensor, gen: torch.Generator, max_rotate: float = 10.0, max_scale: float = 0.1,

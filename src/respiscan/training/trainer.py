@@ -26,12 +26,12 @@ from respiscan.data.images import load_dataset_images
 from respiscan.data.samples import (CLASS_NAMES, MODALITIES, Sample, carve_validation, check_trainable, discover,
                                    fingerprint, write_manifest)
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.audit import audit, check_strict
+from respiscan.data.audit import audit, check_strict
 from respiscan.models.network import MMTLNet
 from respiscan.training import distributed
 from respiscan.training.config import TrainConfig, preset
-from respiscan.training.loop import (BF16_TOLERANCE, bf16_difference, bf16_supported, predict_logits, resolve_device,
-                                     train_classifier)
+from respiscan.runtime import BF16_TOLERANCE, bf16_difference, bf16_supported, predict_logits, resolve_device
+from respiscan.training.loop import train_classifier
 from respiscan.training.stages import embed_images, finetune_adversarial, train_adversarial, train_embedder
 from respiscan.utils import atomic_write, package_versions, seed_everything, write_json, write_rows
 
@@ -219,7 +219,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None, 
     net.eval()
 
     # Validation probabilities -> operating thresholds and validation metrics (never the test split).
-    from respiscan.evaluation.metrics import binary_metrics, choose_threshold
+    from respiscan.metrics import binary_metrics, choose_threshold
 
     thresholds, val_metrics, val_rows = {}, {}, []
     for m in cfg.model.modalities:

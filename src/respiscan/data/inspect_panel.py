@@ -8,23 +8,20 @@ same shape and type, so the panel can lay them out in one grid.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure, SubFigure
+from matplotlib.figure import SubFigure
 
 from respiscan.errors import RespiscanError
-from respiscan.utils import atomic_write
+from respiscan.figures import new_figure, save_png
 
 Operation = Callable[[np.ndarray], np.ndarray]
 
 MAX_SIDE = 512
 COLUMNS = 7
-DPI = 150
 _KERNEL = np.ones((5, 5), np.uint8)
 _CLAHE = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
 
@@ -116,13 +113,8 @@ def sample_panel(xray: np.ndarray, ct: np.ndarray, path: str | Path) -> Path:
     rows = math.ceil((len(OPERATIONS) + 1) / COLUMNS)
     cell = 14.0 / COLUMNS
     heights = [rows * (cell * img.shape[0] / img.shape[1] + 0.3) + 0.5 for img in images.values()]
-    fig = Figure(figsize=(14.0, sum(heights)), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(14.0, sum(heights))
     subs = fig.subfigures(len(images), 1, height_ratios=heights, hspace=0.02)
     for sub, (heading, img) in zip(subs, images.items()):
         _block(sub, img, heading)
-    path = Path(path)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=DPI)
-        os.chmod(f.name, 0o644)  # mkstemp makes 0600; a figure is meant to be shared
-    return path
+    return save_png(fig, path, tight=False)

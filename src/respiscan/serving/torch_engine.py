@@ -9,9 +9,10 @@ import torch
 
 from respiscan.bundle import read_weights
 from respiscan.errors import RespiscanError
-from respiscan.inference import BasePipeline
-from respiscan.models.network import MMTLNet, ModelSpec
-from respiscan.training.loop import BF16_TOLERANCE, bf16_supported, predict_logits
+from respiscan.serving.pipeline import BasePipeline
+from respiscan.models.network import MMTLNet
+from respiscan.models.spec import ModelSpec
+from respiscan.runtime import BF16_TOLERANCE, bf16_supported, predict_logits
 
 
 def bf16_allowed(config: dict) -> bool:
@@ -39,8 +40,3 @@ class Pipeline(BasePipeline):
         logits = predict_logits(lambda x: self.net(x, modality), torch.from_numpy(np.ascontiguousarray(images)),
                                 batch_size=32, bf16=self.bf16)
         return 1 / (1 + np.exp(-logits.astype(np.float64)))
-
-
-def load(bundle: str | Path, bf16: bool | None = None) -> Pipeline:
-    """`respiscan.load(bundle).predict(xray=..., ct=...)`."""
-    return Pipeline(bundle, bf16=bf16)

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from respiscan.errors import RespiscanError
-from respiscan.inference import BasePipeline
+from respiscan.serving.pipeline import BasePipeline
 
-ENGINES = ("auto", "torch", "onnx")
 BATCH = 32  # images per onnxruntime call: bounds memory on large batches, big enough to keep the cores busy
 
 
@@ -80,17 +79,3 @@ def _read(path: Path, bundle: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise RespiscanError(f"{path}: cannot read the ONNX graph ({e.strerror}); run `respiscan export {bundle}` again") from e
-
-
-def open_pipeline(bundle: str | Path, engine: str = "auto", bf16: bool | None = None) -> BasePipeline:
-    """The pipeline for `engine`: "onnx", "torch", or "auto" (ONNX when the bundle has graphs, else torch).
-
-    The torch engine is imported only when chosen, so "onnx"/"auto" on an exported bundle never loads torch.
-    """
-    if engine not in ENGINES:
-        raise RespiscanError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
-    if engine == "onnx" or (engine == "auto" and has_graph(bundle)):
-        return OnnxPipeline(bundle)
-    from respiscan.predict import Pipeline
-
-    return Pipeline(bundle, bf16=bf16)

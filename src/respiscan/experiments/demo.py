@@ -9,7 +9,7 @@ from pathlib import Path
 
 from respiscan.data.synth import generate
 from respiscan.evaluation.evaluate import evaluate
-from respiscan.predict import Pipeline
+from respiscan.serving.torch_engine import Pipeline
 from respiscan.training.config import preset
 from respiscan.training.trainer import train
 

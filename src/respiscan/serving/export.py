@@ -19,7 +19,7 @@ from torch import nn
 
 from respiscan.bundle import CONFIG, read_config, sha256_file
 from respiscan.errors import RespiscanError
-from respiscan.predict import Pipeline
+from respiscan.serving.torch_engine import Pipeline
 from respiscan.utils import write_json
 
 INPUT = "images"

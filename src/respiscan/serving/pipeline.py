@@ -56,7 +56,7 @@ class BasePipeline:
         result: dict = {"xray_probability": None, "ct_probability": None}
         for modality, image in given.items():
             if modality == "ct" and not isinstance(image, np.ndarray) and is_volume(image):
-                from respiscan.volume import score_volume
+                from respiscan.serving.volume import score_volume
 
                 result["ct_volume"] = score_volume(self, image)
                 result["ct_probability"] = result["ct_volume"]["probability"]

@@ -19,10 +19,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from torch import nn
 
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.plots import plot_gradcam_overlay
+from respiscan.figures import new_figure, save_png
 from respiscan.models.backbone import EmbeddingNet
 
 
@@ -59,7 +61,7 @@ def gradcam(pipeline, image: np.ndarray, modality: str, layer: nn.Module | None 
     """
     net = getattr(pipeline, "net", None)
     if net is None:
-        raise RespiscanError("Grad-CAM needs the torch engine (respiscan.predict.Pipeline), not an exported model")
+        raise RespiscanError("Grad-CAM needs the torch engine (respiscan.serving.torch_engine.Pipeline), not an exported model")
     pipeline.check_modality(modality)
     size = pipeline.preprocess_config.size
     image = np.asarray(image)
@@ -87,6 +89,30 @@ def gradcam(pipeline, image: np.ndarray, modality: str, layer: nn.Module | None 
     cam = cv2.resize(cam, (size, size), interpolation=cv2.INTER_LINEAR)
     peak = float(cam.max())
     return cam / peak if peak > 0 else np.zeros_like(cam)
+
+
+def plot_gradcam_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str) -> Path:
+    """Input beside its Grad-CAM overlay, so the reader can see what the heat covers."""
+    img = np.asarray(image)
+    if img.ndim != 2 or img.dtype != np.uint8 or img.size == 0:
+        raise RespiscanError(f"gradcam image must be a grey uint8 HxW array, got {img.dtype} {img.shape}")
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2 or heat.size == 0 or not np.isfinite(heat).all():
+        raise RespiscanError(f"gradcam heatmap must be a finite float HxW array, got shape {heat.shape}")
+    heat = np.clip(cv2.resize(heat, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR), 0, 1)
+    h, w = img.shape
+    fig = new_figure(2 * 3.6 * w / max(h, w) + 1.0, 3.6 * h / max(h, w) + 0.7)
+    left, right = fig.subplots(1, 2)
+    left.imshow(img, cmap="gray", vmin=0, vmax=255)
+    left.set_title("Input")
+    right.imshow(img, cmap="gray", vmin=0, vmax=255)
+    right.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.45)
+    right.set_title("Grad-CAM overlay")
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=right, fraction=0.046, pad=0.03, label="Activation")
+    fig.suptitle(title)
+    return save_png(fig, path)
 
 
 def explain(pipeline, inputs: dict[str, str | Path], out_dir: str | Path) -> list[Path]:

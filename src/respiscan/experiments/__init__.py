@@ -1,0 +1,1 @@
+"""Experiments built from the library: significance runs over seeds and the demo."""

@@ -1,0 +1,33 @@
+"""The network's structure as data (no torch): what a bundle records so that any engine can rebuild it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
+
+from respiscan.errors import RespiscanError
+
+SharedKind = Literal["plain", "adversarial", "none"]
+SHARED_KINDS: tuple[str, ...] = get_args(SharedKind)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network's structure (weights come from the bundle)."""
+
+    modalities: list[str] = field(default_factory=lambda: ["xray", "ct"])
+    task_backbones: dict[str, str] = field(default_factory=lambda: {"xray": "resnet18", "ct": "resnet18"})
+    # None: the task-specific embedding model of each modality also feeds the shared MLP (faster presets)
+    shared_backbones: dict[str, str] | None = None
+    shared: SharedKind = "plain"
+
+    def __post_init__(self) -> None:
+        if self.shared not in SHARED_KINDS:
+            raise RespiscanError(f"unknown shared kind {self.shared!r}; accepted: {', '.join(SHARED_KINDS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

@@ -1,0 +1,32 @@
+"""Serving: the prediction pipeline and its engines (torch, onnxruntime), ONNX export, CT volumes, Grad-CAM.
+
+Nothing here imports `respiscan.training` or `respiscan.evaluation`, and the ONNX path never imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+from respiscan.errors import RespiscanError
+from respiscan.serving.pipeline import BasePipeline
+
+Engine = Literal["auto", "torch", "onnx"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+
+
+def load(bundle: str | Path, engine: Engine = "auto", bf16: bool | None = None) -> BasePipeline:
+    """The pipeline for `engine`: "onnx", "torch", or "auto" (ONNX when the bundle has graphs, else torch).
+
+    `respiscan.load`, `respiscan predict` and `evaluate` all choose through here. The torch engine is imported
+    only when chosen, so "onnx"/"auto" on an exported bundle never loads torch.
+    """
+    if engine not in ENGINES:
+        raise RespiscanError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
+    from respiscan.serving.onnx_engine import OnnxPipeline, has_graph
+
+    if engine == "onnx" or (engine == "auto" and has_graph(bundle)):
+        return OnnxPipeline(bundle)
+    from respiscan.serving.torch_engine import Pipeline
+
+    return Pipeline(bundle, bf16=bf16)
