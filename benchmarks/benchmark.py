@@ -38,8 +38,8 @@ from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.samples import Sample, discover
 from respiscan.models.backbone import EmbeddingNet
 from respiscan.models.mlp import TaskSpecificMLP
-from respiscan.training.config import TrainConfig
 from respiscan.runtime import autocast, bf16_supported, predict_logits
+from respiscan.training.config import TrainConfig
 from respiscan.training.loop import ClassifierFit, auc, train_classifier
 from respiscan.training.stages import embed_images
 
@@ -168,8 +168,8 @@ def mlp_task(seed: int) -> tuple[torch.Tensor, ...]:
 
 def bench_mlp(table: Table, settings: ClassifierFit, quick: bool) -> None:
     """The task-specific MLP trained the reference's way (100 epochs, batch 32) and respiscan's way (fp32, as the
-    trainer does), on the same draws. Speed counts only at equal accuracy: validation AUC (the issue's yardstick; the best of 100
-    epochs is an optimistic pick) and AUC on 2000 held-out embeddings, both averaged over the draws."""
+    trainer does), on the same draws. Speed counts only at equal accuracy: validation AUC (the issue's yardstick; the
+    best of 100 epochs is an optimistic pick) and AUC on 2000 held-out embeddings, both averaged over the draws."""
     reference_like = ClassifierFit(epochs=REFERENCE_MLP_EPOCHS, patience=REFERENCE_MLP_EPOCHS, batch_size=32, lr=1e-3,
                                    weight_decay=1e-4)
     draws = (0,) if quick else (0, 1, 2)
@@ -210,7 +210,8 @@ def cold_predict(bundle: Path, case: dict[str, Path], engine: str) -> tuple[floa
         command, how = cli, "`respiscan predict`"
     else:
         kwargs = {m: str(path) for m, path in case.items()}
-        code = f"from respiscan.serving.onnx_engine import OnnxPipeline; print(OnnxPipeline({str(bundle)!r}).predict(**{kwargs!r}))"
+        code = (f"from respiscan.serving.onnx_engine import OnnxPipeline; "
+                f"print(OnnxPipeline({str(bundle)!r}).predict(**{kwargs!r}))")
         command, how = [sys.executable, "-c", code], "`python -c` with OnnxPipeline (no --engine yet)"
     t0 = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -220,11 +221,12 @@ def cold_predict(bundle: Path, case: dict[str, Path], engine: str) -> tuple[floa
 
 
 def bench_bundle(table: Table, bundle: Path, samples: list[Sample], quick: bool, work: Path) -> None:
+    from respiscan.bundle import Bundle
     from respiscan.serving.export import export_onnx
-    from respiscan.serving.onnx_engine import OnnxPipeline, has_graph
+    from respiscan.serving.onnx_engine import OnnxPipeline
     from respiscan.serving.torch_engine import Pipeline
 
-    if not has_graph(bundle):
+    if not Bundle.open(bundle).has_onnx:
         copy = work / "bundle"
         shutil.copytree(bundle, copy)
         t0 = time.perf_counter()
@@ -270,18 +272,19 @@ def bench_bundle(table: Table, bundle: Path, samples: list[Sample], quick: bool,
                   "batch prediction, ONNX vs torch bf16")
         diff = np.abs(probabilities["torch bf16"] - probabilities["torch fp32"]).max()
         table.add("agreement", "max abs difference of p(COVID), torch bf16 vs fp32", f"{diff:.2e}")
-        check = engines["onnx fp32"].config.get("bf16_check")
+        check = engines["onnx fp32"].config.bf16_check
         if check:
             table.add("agreement", "the bundle's own bf16 check (validation split, at training) -> torch engine "
-                      f"default {check['prediction_default']}", f"{check['max_abs_difference']:.2e}",
-                      f"tolerance {check['tolerance']:g}")
+                      f"default {check.prediction_default}", f"{check.max_abs_difference:.2e}",
+                      f"tolerance {check.tolerance:g}")
     diff = np.abs(probabilities["onnx fp32"] - probabilities["torch fp32"]).max()
     table.add("agreement", "max abs difference of p(COVID), ONNX vs torch fp32", f"{diff:.2e}")
 
 
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+                if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"onnxruntime {onnxruntime.__version__}, bf16 {'yes' if bf16_supported() else 'no'}, load average {load}")
@@ -293,7 +296,8 @@ def bench_training(table: Table, bundle: Path) -> None:
     import json
 
     config = json.loads((bundle / "config.json").read_text())
-    table.add("training", "whole training of this bundle (recorded in config.json)", f"{config['train_seconds'] / 60:.1f} min")
+    table.add("training", "whole training of this bundle (recorded in config.json)",
+              f"{config['train_seconds'] / 60:.1f} min")
     for log in sorted((bundle / "logs").glob("*.csv")):
         rows = list(csv.DictReader(open(log)))
         seconds = sum(float(r["seconds"]) for r in rows)
@@ -310,9 +314,9 @@ def main() -> None:
     samples = discover(args.data)
     settings = TrainConfig().mlp_fit
     if args.bundle:
-        from respiscan.bundle import read_config
+        from respiscan.bundle import Bundle
 
-        settings = TrainConfig.from_dict(read_config(args.bundle).get("training", {})).mlp_fit
+        settings = TrainConfig.from_dict(Bundle.open(args.bundle).config.training).mlp_fit
     print(f"machine at start: {machine()}", file=sys.stderr)
     table = Table()
     torch.manual_seed(0)

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
+from respiscan.data.audit import audit, check_strict, format_audit
 from respiscan.data.samples import discover
 from respiscan.errors import RespiscanError
-from respiscan.data.audit import audit, check_strict, format_audit
 
 FIELDS = ["path", "modality", "label", "split", "group", "source"]
 

@@ -111,6 +111,19 @@ def test_info_prints_what_the_bundle_is(bundle, capsys, monkeypatch):
     assert code == 0
     assert "test_resnet" in out and "thresholds" in out and "samples_sha256" in out and "sha256" in out
     assert "bf16 " in out and ("torch engine runs" in out)
+    sources = next(line for line in out.splitlines() if line.startswith("sources"))
+    assert "one source for ct, xray: transfer to other sites is unverified" in sources
+
+
+def test_info_names_each_modalitys_sources(bundle):
+    from dataclasses import replace
+
+    from respiscan.bundle import Bundle
+
+    record = replace(Bundle.open(bundle).config.data, sources={
+        "site_a": {"ct/train/COVID": 3, "xray/train/COVID": 2}, "site_b": {"ct/val/COVID": 1}})
+    assert record.transfer_note() == ("ct: site_a, site_b; xray: site_a "
+                                      "(one source for xray: transfer to other sites is unverified)")
 
 
 def test_inspect_writes_the_panel(synth_data, tmp_path, capsys, monkeypatch):

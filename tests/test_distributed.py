@@ -15,8 +15,9 @@ def _probabilities(bundle):
 
 def test_two_process_ddp_matches_single_process(synth_data, tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "respiscan", "train", str(synth_data), "--out", str(tmp_path / "one"),
-                             *ARGS], env=env, capture_output=True, text=True, timeout=600)
+    single = subprocess.run([sys.executable, "-m", "respiscan", "train", str(synth_data),
+                             "--out", str(tmp_path / "one"), *ARGS],
+                            env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "respiscan", "train", str(synth_data), "--out", str(tmp_path / "two"), *ARGS],

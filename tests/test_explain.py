@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from respiscan.serving import explain as explain_module
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.synth import make_image
 from respiscan.errors import RespiscanError
-from respiscan.serving.explain import explain, gradcam, target_layer
 from respiscan.models.network import MMTLNet, ModelSpec
+from respiscan.serving import explain as explain_module
+from respiscan.serving.explain import explain, gradcam, target_layer
 from respiscan.serving.torch_engine import Pipeline
 from respiscan.training.config import TrainConfig
 from respiscan.training.loop import ClassifierFit

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from scipy.special import expit
 from sklearn import metrics as skm
 
 from respiscan.errors import RespiscanError
@@ -177,7 +178,7 @@ def test_bootstrap_engine_matches_point_estimates_on_expanded_data():
 def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
-    p = 1 / (1 + np.exp(-(2.0 * (2 * y - 1) + 1.5 * rng.normal(size=n))))  # informative, overconfident
+    p = expit(2.0 * (2 * y - 1) + 1.5 * rng.normal(size=n))  # informative, overconfident
     return y, p
 
 

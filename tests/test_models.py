@@ -6,7 +6,7 @@ from torch import nn
 
 from respiscan.errors import RespiscanError
 from respiscan.models.backbone import EmbeddingNet, create_backbone
-from respiscan.models.mlp import AdversarialSharedMLP, Head, SharedMLP, TaskSpecificMLP
+from respiscan.models.mlp import AdversarialSharedMLP, Discriminator, Head, SharedMLP, TaskSpecificMLP
 from respiscan.models.network import MMTLNet, ModelSpec
 from respiscan.training.loop import ClassifierFit, train_classifier
 from respiscan.training.stages import finetune_adversarial, random_affine, train_adversarial, train_embedder
@@ -24,7 +24,7 @@ def test_layer_sizes_match_the_reference():
     assert _linears(SharedMLP()) == [(1280, 960), (960, 800), (800, 640), (640, 1)]
     adv = AdversarialSharedMLP()
     assert _linears(adv.generator) == [(1280, 960), (960, 640), (640, 960), (960, 1280)]
-    assert _linears(adv.discriminator) == [(1280, 640), (640, 320), (320, 160), (160, 1)]
+    assert _linears(Discriminator()) == [(1280, 640), (640, 320), (320, 160), (160, 1)]
     assert _linears(adv.body) == [(1280, 640)]
     assert _linears(Head()) == [(1280, 320), (320, 80), (80, 20), (20, 1)]
 
@@ -61,9 +61,8 @@ def test_unknown_backbone_and_shared_kind_are_clear_errors(tmp_path):
 
 
 def test_local_weights_file_is_loaded(tmp_path):
-    from safetensors.torch import save_file
-
     import timm
+    from safetensors.torch import save_file
 
     source = timm.create_model("test_resnet", num_classes=0, in_chans=1)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
@@ -117,6 +116,8 @@ def test_random_affine_keeps_shape_range_and_is_seeded():
     b = random_affine(images, torch.Generator().manual_seed(0))
     assert a.shape == (4, 1, 32, 32) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 255
     assert not torch.allclose(a, images[:, None].float())
+    same = random_affine(images[:1].expand(8, -1, -1), torch.Generator().manual_seed(0))
+    assert len({tuple(x.flatten().tolist()) for x in same}) == 8  # parameters are drawn per image
 
 
 def test_adversarial_stage_logs_losses_and_finetunes_on_covid(tmp_path):
@@ -135,3 +136,21 @@ def test_adversarial_stage_logs_losses_and_finetunes_on_covid(tmp_path):
                                 ClassifierFit(epochs=10, patience=10, batch_size=32, lr=1e-3), seed=0, log_path=None)
     assert all(torch.equal(gen_before[k], v) for k, v in shared.generator.state_dict().items())
     assert fine.best["val_auc"] > 0.8
+
+
+def test_shared_kinds_agree_across_layers():
+    """A shared kind needs its module, its training and its name; none may be missing in one layer."""
+    from respiscan.models.mlp import SHARED_MODULES
+    from respiscan.models.spec import SHARED_KINDS
+    from respiscan.training.shared import SHARED_FITS
+
+    assert set(SHARED_MODULES) == set(SHARED_KINDS)
+    assert set(SHARED_FITS) == {k for k, module in SHARED_MODULES.items() if module is not None}
+
+
+def test_adversarial_bundle_ships_no_discriminator():
+    from respiscan.models.network import MMTLNet
+    from respiscan.models.spec import ModelSpec
+
+    net = MMTLNet(ModelSpec(task_backbones={"xray": "test_resnet", "ct": "test_resnet"}, shared="adversarial"))
+    assert not [k for k in net.state_dict() if "discriminator" in k]

@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from respiscan.bundle import read_config
+from respiscan.bundle import Bundle
 from respiscan.data.images import load_dataset_images
 from respiscan.data.samples import discover
 from respiscan.errors import RespiscanError
-from respiscan.serving.export import export_onnx
 from respiscan.serving import load as open_pipeline
+from respiscan.serving.export import export_onnx
 from respiscan.serving.onnx_engine import OnnxPipeline
 from respiscan.serving.torch_engine import Pipeline
 
@@ -36,13 +36,16 @@ def pair(synth_data):
 
 
 def test_export_records_graphs_and_keeps_the_config(bundle, exported):
-    before, after = read_config(bundle), read_config(exported)
-    assert {k: v for k, v in after.items() if k != "onnx"} == before
-    onnx = after["onnx"]
-    assert onnx["opset"] == 17 and onnx["weights_sha256"] == before["weights_sha256"]
+    before = json.loads((bundle / "config.json").read_text())
+    after = json.loads((exported / "config.json").read_text())
+    assert list(after) == [*before, "onnx"] and {k: v for k, v in after.items() if k != "onnx"} == before
+    opened = Bundle.open(exported)
+    onnx = opened.config.onnx
+    assert opened.has_onnx and not Bundle.open(bundle).has_onnx
+    assert onnx.opset == 17 and onnx.weights_sha256 == before["weights_sha256"]
     for m in ("xray", "ct"):
-        assert (exported / onnx["graphs"][m]["file"]).is_file()
-        assert onnx["graphs"][m]["max_abs_diff"] <= 1e-3
+        assert (exported / onnx.graphs[m].file).is_file()
+        assert onnx.graphs[m].max_abs_diff <= 1e-3
     assert not list(exported.glob(".*.tmp"))
 
 
@@ -98,7 +101,7 @@ def test_tampered_graph_is_refused(exported, tmp_path):
 def test_graph_from_other_weights_is_refused(exported, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(exported, copy)
-    config = read_config(copy)
+    config = json.loads((copy / "config.json").read_text())
     config["onnx"]["weights_sha256"] = "0" * 64
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(RespiscanError, match="exported from other weights"):
@@ -118,5 +121,18 @@ def test_export_refuses_a_graph_that_disagrees(bundle, tmp_path, monkeypatch):
     monkeypatch.setattr("respiscan.serving.export.TOLERANCE", -1.0)
     with pytest.raises(RespiscanError, match="differs from the torch model"):
         export_onnx(copy)
-    assert "onnx" not in read_config(copy)
+    assert Bundle.open(copy).config.onnx is None
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in bundle.iterdir())
+
+
+def test_auto_engine_falls_back_to_torch_without_onnxruntime(exported, pair):
+    code = ("import json, sys\n"
+            "sys.modules['onnxruntime'] = None\n"
+            "from respiscan.serving import load\n"
+            f"pipe = load({str(exported)!r})\n"
+            f"print(json.dumps([type(pipe).__name__, pipe.predict(ct={str(pair['ct'])!r})['probability']]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    name, probability = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert name == "Pipeline" and probability == pytest.approx(OnnxPipeline(exported).predict(ct=pair["ct"])[
+        "probability"], abs=1e-3)

@@ -1,6 +1,7 @@
 """The whole pipeline on synthetic images: train -> bundle -> load -> predict / evaluate."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -8,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from respiscan.bundle import read_config
+from conftest import tiny_config
+from respiscan.bundle import Bundle
 from respiscan.data.samples import discover
+from respiscan.errors import RespiscanError
 from respiscan.evaluation.evaluate import evaluate, pair_cases
 from respiscan.metrics import binary_metrics
-from respiscan.serving.torch_engine import Pipeline
 from respiscan.runtime import bf16_supported
+from respiscan.serving.torch_engine import Pipeline
 from respiscan.training.trainer import train
-
-from conftest import tiny_config
 
 
 def test_bundle_is_self_contained(bundle):
@@ -24,13 +25,13 @@ def test_bundle_is_self_contained(bundle):
     assert {"config.json", "model.safetensors", "metrics.json", "splits.csv", "validation_predictions.csv",
             "logs"} <= names
     assert ".stages" not in names
-    config = read_config(bundle)
-    assert config["model"]["modalities"] == ["xray", "ct"]
-    assert config["preprocess"]["size"] == 64 and config["preprocess"]["clahe_clip"] == 4.0
-    assert config["class_names"] == ["Non_COVID", "COVID"]
-    assert set(config["thresholds"]) == {"xray", "ct", "fused"}
-    assert config["data"]["fingerprint"]["n_samples"] == 48
-    assert "torch" in config["versions"]
+    config = Bundle.open(bundle).config
+    assert config.model.modalities == ["xray", "ct"]
+    assert config.preprocess.size == 64 and config.preprocess.clahe_clip == 4.0
+    assert config.class_names == ["Non_COVID", "COVID"]
+    assert set(config.thresholds) == {"xray", "ct", "fused"}
+    assert config.data.fingerprint.n_samples == 48
+    assert "torch" in config.versions
     logs = {p.stem for p in (bundle / "logs").iterdir()}
     assert {"embedding_task_xray", "embedding_task_ct", "task_mlp_xray", "task_mlp_ct", "shared_plain",
             "head_xray", "head_ct"} <= logs
@@ -86,7 +87,7 @@ def test_evaluate_writes_consistent_metrics(bundle, synth_data, tmp_path):
         mine = [r for r in rows if r["modality"] == m]
         y = np.array([r["label"] == "COVID" for r in mine], int)
         p = np.array([float(r["probability"]) for r in mine])
-        expected = binary_metrics(y, p, read_config(bundle)["thresholds"][m])
+        expected = binary_metrics(y, p, Bundle.open(bundle).config.thresholds[m])
         assert saved["modalities"][m]["confusion_matrix"] == expected["confusion_matrix"]
         assert saved["modalities"][m]["roc_auc"] == pytest.approx(expected["roc_auc"])
     assert results["fused"]["pairing"].startswith("patient") and results["fused"]["n_pairs"] == 6
@@ -113,7 +114,7 @@ def test_bf16_is_the_default_only_where_training_measured_it_harmless(bundle, tm
     """The trainer records how far bf16 moves the validation probabilities; the torch engine follows it."""
     import shutil
 
-    config = read_config(bundle)
+    config = json.loads((bundle / "config.json").read_text())
     check = config["bf16_check"]
     if not bf16_supported():
         assert check is None and not Pipeline(bundle).bf16
@@ -130,3 +131,25 @@ def test_bf16_is_the_default_only_where_training_measured_it_harmless(bundle, tm
     del config["bf16_check"]
     (copy / "config.json").write_text(json.dumps(config))
     assert Pipeline(copy).bf16 is False  # bundles without the measurement run fp32
+
+
+def test_train_leaves_the_callers_config_unchanged(synth_data, tmp_path):
+    cfg = tiny_config()
+    before = cfg.to_dict()
+    train(synth_data, tmp_path / "b", cfg)
+    assert cfg.to_dict() == before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]
+
+
+def test_with_overrides_rebuilds_like_the_cli():
+    from respiscan.training.config import preset
+
+    base = preset("seed")
+    cfg = base.with_overrides(seed=4, shared="none", backbone="resnet34", image_size=128, epochs=3, pretrained=False)
+    assert (cfg.seed, cfg.model.shared, cfg.preprocess.size, cfg.backbone_fit.epochs) == (4, "none", 128, 3)
+    assert cfg.model.task_backbones == {"xray": "resnet34", "ct": "resnet34"} and cfg.model.shared_backbones is None
+    assert base == preset("seed") and base.model.shared_backbones  # the preset itself is untouched
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(RespiscanError, match="unknown shared kind"):
+        base.with_overrides(shared="wavy")

@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.special import expit
 
-from respiscan.errors import RespiscanError
 from respiscan.data import inspect_panel
+from respiscan.errors import RespiscanError
 from respiscan.evaluation import plots
 from respiscan.serving import explain
 
 
 def _scores(rng: np.random.Generator, n: int = 120) -> tuple[np.ndarray, np.ndarray]:
     y = (rng.random(n) < 0.4).astype(int)
-    prob = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 2 * (y - 0.5))))
+    prob = expit(rng.normal(0, 1, n) + 2 * (y - 0.5))
     return y, prob
 
 
@@ -92,11 +93,42 @@ def test_reliability(tmp_path: Path, curves: dict) -> None:
     _assert_png(plots.plot_reliability(curves, tmp_path / "rel.png", n_bins=5))
 
 
-def test_reliability_bins_put_one_in_last_bin() -> None:
-    conf, freq, count = plots._reliability_bins(np.array([0, 1, 1]), np.array([0.0, 0.95, 1.0]), 10)
-    assert count.tolist() == [1] + [0] * 8 + [2]
-    assert conf[-1] == pytest.approx(0.975) and freq[-1] == 1.0
-    assert np.isnan(conf[1])
+def test_reliability_shows_the_metrics_bins_and_ece(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bins as in test_metrics' hand example: (.05), (.15, .12), (.95, 1.0); prob 1.0 is in the last bin.
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.append(fig) or Path(path))
+    plots.plot_reliability({"model": (np.array([0, 1, 1, 0, 1]), np.array([0.05, 0.15, 0.12, 0.95, 1.0]))},
+                           tmp_path / "rel.png")
+    top, bottom = figures[0].axes
+    line = next(line for line in top.get_lines() if line.get_label().startswith("model"))
+    assert line.get_xdata() == pytest.approx([0.05, 0.135, 0.975])
+    assert line.get_ydata() == pytest.approx([0.0, 1.0, 0.5])
+    assert f"ECE = {(0.05 + 2 * 0.865 + 2 * 0.475) / 5:.3f}" in line.get_label()
+    (steps,) = bottom.patches
+    assert steps.get_data().values.tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    with pytest.raises(RespiscanError, match="n_bins"):
+        plots.plot_reliability({"model": (np.array([0, 1]), np.array([0.2, 0.8]))}, tmp_path / "bad.png", n_bins=0)
+
+
+def test_operating_points_match_the_confusion_matrix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At 0.5: TP 3, FN 2, FP 1, TN 4 -> TPR .6, FPR .2, precision .75; at 0.95 nothing is predicted COVID.
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 1, 1, 0])
+    p = np.array([0.9, 0.8, 0.3, 0.6, 0.2, 0.1, 0.4, 0.7, 0.45, 0.05])
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.append(fig) or Path(path))
+    plots.plot_roc({"a": (y, p)}, tmp_path / "roc.png", {"a": 0.5})
+    plots.plot_pr({"a": (y, p), "b": (y, p)}, tmp_path / "pr.png", {"a": 0.5, "b": 0.95})
+    roc, pr = (fig.axes[0] for fig in figures)
+    (marker,) = [line for line in roc.get_lines() if line.get_label().startswith("a @")]
+    assert (marker.get_xdata(), marker.get_ydata()) == (pytest.approx(0.2), pytest.approx(0.6))
+    (marker,) = [line for line in pr.get_lines() if line.get_label().startswith("a @")]
+    assert (marker.get_xdata(), marker.get_ydata()) == (pytest.approx(0.6), pytest.approx(0.75))
+    assert "b @ 0.95: no positive predictions" in [line.get_label() for line in pr.get_lines()]
+
+
+def test_bad_curve_error_names_the_curve(tmp_path: Path) -> None:
+    with pytest.raises(RespiscanError, match="curve 'CT': prob must hold probabilities"):
+        plots.plot_pr({"CT": (np.array([0, 1]), np.array([0.2, 1.5]))}, tmp_path / "pr.png")
 
 
 def test_training_curves(tmp_path: Path) -> None:

@@ -5,11 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from conftest import REALDEV
 from respiscan.data.images import load_dataset_images
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.samples import carve_validation, discover
-
-from conftest import REALDEV
 
 pytestmark = pytest.mark.skipif(not REALDEV.is_dir(), reason="../shared/data/realdev is absent")
 

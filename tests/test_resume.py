@@ -14,7 +14,8 @@ ARGS = ["--preset", "tiny", "--backbone", "test_resnet", "--image-size", "48", "
 
 def _train(data, out, *extra):
     return subprocess.Popen([sys.executable, "-m", "respiscan", "train", str(data), "--out", str(out), *ARGS, *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +45,16 @@ def test_killed_run_resumes_to_the_same_bundle(sig, kill_when, synth_data, refer
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), [k for k in a if not (a[k] == b[k]).all()][:3]
-    assert (reference / "validation_predictions.csv").read_text() == (interrupted / "validation_predictions.csv").read_text()
+    assert ((reference / "validation_predictions.csv").read_text()
+            == (interrupted / "validation_predictions.csv").read_text())
 
 
 def test_nan_in_cached_embeddings_is_a_clear_error(synth_data, tmp_path):
     from safetensors.torch import save_file
 
+    from conftest import tiny_config
     from respiscan.errors import RespiscanError
     from respiscan.training.trainer import train
-
-    from conftest import tiny_config
 
     stages = tmp_path / "stages"
     train(synth_data, tmp_path / "a", tiny_config(), stages_dir=stages)

@@ -6,7 +6,16 @@ import cv2
 import numpy as np
 import pytest
 
-from respiscan.data.samples import carve_validation, check_trainable, discover, folder_samples, parse_label
+from respiscan.data.samples import (
+    carve_validation,
+    check_trainable,
+    count_by_source,
+    discover,
+    fingerprint,
+    folder_samples,
+    parse_label,
+    write_manifest,
+)
 from respiscan.errors import RespiscanError
 
 
@@ -132,3 +141,92 @@ def test_folder_samples_for_batch_prediction(tmp_path):
 
 def test_parse_label_spellings():
     assert [parse_label(v, "t") for v in ("COVID-19", "Non_COVID", "negative", "1")] == [1, 0, 0, 1]
+
+
+# --- several data folders ------------------------------------------------------------------------------
+
+def _site(root: Path, rows, header="path,modality,label,split,group,source") -> Path:
+    for row in rows:
+        _png(root / row.split(",")[0])
+    return _manifest(root, rows, header)
+
+
+def test_one_folder_keeps_its_ids_and_gets_its_name_as_source(tmp_path):
+    samples = discover(_layout(tmp_path / "hospital_a"))
+    assert samples[0].id == "CT_Scan_Test/COVID/0.png" and {s.source for s in samples} == {"hospital_a"}
+    assert discover([tmp_path / "hospital_a"]) == samples
+    assert {s.source for s in discover(tmp_path / "hospital_a" / ".")} == {"hospital_a"}
+
+
+def test_several_folders_prefix_ids_and_keep_groups_apart(tmp_path):
+    a = _site(tmp_path / "a", ["x.png,xray,COVID,train,p1,north", "y.png,xray,Non_COVID,train,p1,north"])
+    b = _site(tmp_path / "b", ["x.png,xray,COVID,train,p1,", "y.png,ct,Non_COVID,test,,"])
+    _layout(tmp_path / "c", n=1)
+    samples = discover([a, b / "manifest.csv", tmp_path / "c"])
+    by_id = {s.id: s for s in samples}
+    assert len(by_id) == len(samples) == 12 and [s.id for s in samples] == sorted(by_id)
+    assert (by_id["a/x.png"].source, by_id["a/x.png"].group) == ("north", "north:p1")
+    assert (by_id["b/x.png"].source, by_id["b/x.png"].group) == ("b", "b:p1")  # same patient id, other source
+    assert by_id["b/y.png"].group is None and by_id["b/y.png"].path == b / "y.png"
+    assert {s.source for s in samples if s.id.startswith("c/")} == {"c"}
+    assert discover([tmp_path / "c", b, a]) == samples  # the order of the folders does not matter
+
+
+def test_folders_with_the_same_name_are_refused(tmp_path):
+    first, second = _layout(tmp_path / "x" / "data", n=1), _layout(tmp_path / "y" / "data", n=1)
+    with pytest.raises(RespiscanError, match="2 data folders named 'data'") as err:
+        discover([first, second])
+    assert str(first) in str(err.value) and str(second) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RespiscanError, match="named 'data'"):
+        discover([first, first])
+    with pytest.raises(RespiscanError, match="no data folder"):
+        discover([])
+
+
+def test_validation_is_carved_from_every_source(tmp_path):
+    rows = {"big": [], "small": [], "own_val": []}
+    for name, n in (("big", 60), ("small", 20), ("own_val", 10)):
+        for i in range(n):
+            label = "COVID" if i % 2 else "Non_COVID"
+            split = "val" if name == "own_val" and i < 4 else "train"
+            rows[name] += [f"{i}_{k}.png,ct,{label},{split},case{i}," for k in range(2)]
+    samples = discover([_site(tmp_path / name, r) for name, r in rows.items()])
+    carved = carve_validation(samples, 0.2, seed=1)
+    val = [s for s in carved if s.split == "val"]
+    for source in ("big", "small"):
+        share = sum(s.source == source for s in val) / sum(s.source == source for s in samples)
+        assert 0.1 < share < 0.3, (source, share)
+        assert {s.label for s in val if s.source == source} == {0, 1}
+    # A source that brings its own validation images keeps them, and its train images stay in train.
+    assert [s for s in carved if s.source == "own_val"] == [s for s in samples if s.source == "own_val"]
+    assert not {s.group for s in carved if s.split == "train"} & {s.group for s in val}
+
+
+def test_fingerprint_and_counts_of_several_folders(tmp_path):
+    a = _site(tmp_path / "a", ["x.png,xray,COVID,train,p1,", "y.png,xray,Non_COVID,test,p2,"])
+    b = _site(tmp_path / "b", ["x.png,xray,COVID,train,p1,", "z.png,ct,COVID,train,p3,"])
+    both = discover([a, b])
+    assert fingerprint(both) == fingerprint(discover([b, a]))
+    assert fingerprint(both)["samples_sha256"] != fingerprint(discover(a))["samples_sha256"]
+    assert count_by_source(both) == [
+        {"source": "a", "modality": "xray", "split": "test", "label": "Non_COVID", "n": 1},
+        {"source": "a", "modality": "xray", "split": "train", "label": "COVID", "n": 1},
+        {"source": "b", "modality": "ct", "split": "train", "label": "COVID", "n": 1},
+        {"source": "b", "modality": "xray", "split": "train", "label": "COVID", "n": 1}]
+
+
+def test_write_manifest_paths_read_back_from_anywhere(tmp_path, monkeypatch):
+    from respiscan.evaluation.report import read_splits
+
+    _site(tmp_path / "a", ["x.png,xray,COVID,train,p1,"]), _site(tmp_path / "b", ["x.png,ct,COVID,test,,"])
+    monkeypatch.chdir(tmp_path)
+    samples = discover([Path("a"), Path("b")])  # relative folders, as typed on a command line
+    write_manifest(samples, tmp_path / "bundle" / "splits.csv")
+    monkeypatch.chdir(tmp_path / "bundle")
+    back = read_splits(tmp_path / "bundle")
+    assert [(s.id, s.group, s.source) for s in back] == [("a/x.png", "a:p1", "a"), ("b/x.png", None, "b")]
+    assert all(s.path.is_absolute() and s.path.is_file() for s in back)
+    with pytest.raises(RespiscanError, match="not inside"):
+        write_manifest(back, tmp_path / "m.csv", root=tmp_path / "a")
+    write_manifest(back, tmp_path / "manifest.csv", root=tmp_path)
+    assert [(s.id, s.source) for s in discover(tmp_path)] == [("a/x.png", "a"), ("b/x.png", "b")]

@@ -8,10 +8,9 @@ from itertools import product
 
 import pytest
 
+from conftest import tiny_config
 from respiscan.errors import RespiscanError
 from respiscan.experiments.significance import CONFIGS, run_significance
-
-from conftest import tiny_config
 
 MODALITIES = ("xray", "ct")
 

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.stats.contingency_tables import mcnemar
 
 from respiscan.errors import RespiscanError
-from respiscan.evaluation.stats import anova_over_runs, delong_ci, delong_test, mcnemar_test, paired_runs_test
+from respiscan.evaluation.stats import anova_over_runs, delong_test, mcnemar_test, paired_runs_test
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -40,8 +40,6 @@ def _random_scores(seed: int, n: int = 150) -> tuple[np.ndarray, np.ndarray, np.
 def test_delong_variance_matches_slow_reference(seed):
     y, a, b = _random_scores(seed)
     cov = _slow_delong_covariance(y, a, b)
-    assert delong_ci(y, a)["variance"] == pytest.approx(cov[0, 0])
-    assert delong_ci(y, b)["variance"] == pytest.approx(cov[1, 1])
     result = delong_test(y, a, b)
     assert result["se"] ** 2 == pytest.approx(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     assert result["auc_a"] == pytest.approx(roc_auc_score(y, a))
@@ -62,18 +60,12 @@ def test_delong_hand_example_with_ties():
     # COVID scores A = (.8, .6, .4), Non_COVID A = (.6, .2). Pair scores psi (1 win, .5 tie, 0 loss):
     #   .8: 1, 1 -> V10 = 1;  .6: .5, 1 -> .75;  .4: 0, 1 -> .5          AUC_A = 2.25 / 3 = .75
     #   Non_COVID .6: (1 + .5 + 0)/3 = .5;  .2: 1 -> V01 = (.5, 1)
-    #   var = var(1, .75, .5)/3 + var(.5, 1)/2 = .0625/3 + .125/2 = 1/12
     # B = (.9, .3, .5) vs (.4, .1): V10 = (1, .5, 1), AUC_B = 2.5/3; V01 = (2/3, 1).
     #   Differences A - B: V10 (0, .25, -.5), var 21/144; V01 (-1/6, 0), var 2/144.
     #   var(AUC_A - AUC_B) = (21/144)/3 + (2/144)/2 = 8/144 = 1/18; z = (-1/12) / sqrt(1/18).
     y = [1, 1, 1, 0, 0]
     a = [0.8, 0.6, 0.4, 0.6, 0.2]
     b = [0.9, 0.3, 0.5, 0.4, 0.1]
-    single = delong_ci(y, a)
-    assert single["auc"] == pytest.approx(0.75)
-    assert single["variance"] == pytest.approx(1 / 12)
-    half = stats.norm.ppf(0.975) * math.sqrt(1 / 12)
-    assert single["ci"] == pytest.approx((0.75 - half, 1.0))  # clipped at 1
     result = delong_test(y, a, b)
     assert result["auc_a"] == pytest.approx(0.75) and result["auc_b"] == pytest.approx(2.5 / 3)
     assert result["difference"] == pytest.approx(-1 / 12)
@@ -95,8 +87,8 @@ def test_delong_detects_a_real_difference_and_says_so():
 
 
 def test_delong_needs_two_of_each_class():
-    with pytest.raises(RespiscanError):
-        delong_ci([1, 0, 0], [0.9, 0.1, 0.2])
+    with pytest.raises(RespiscanError, match="at least 2 COVID and 2 Non_COVID"):
+        delong_test([1, 0, 0], [0.9, 0.1, 0.2], [0.8, 0.3, 0.1])
 
 
 def _predictions(y: np.ndarray, right: list[bool]) -> np.ndarray:

@@ -4,7 +4,9 @@ learn but a single brightness feature cannot solve (the demo and the other tests
 from __future__ import annotations
 
 import csv
+import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -14,7 +16,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from respiscan.data.samples import check_trainable, discover
-from respiscan.data.synth import generate, make_image
+from respiscan.data.synth import apply_look, generate, make_image, site_looks
 from respiscan.errors import RespiscanError
 
 MODALITIES = ("xray", "ct")
@@ -206,3 +208,92 @@ def test_ct_lungs_stay_inside_the_chest_wall() -> None:
         outside = labels[0, 0]
         lungs = [k for k in range(1, n) if k != outside and stats[k, cv2.CC_STAT_AREA] > 0.01 * image.size]
         assert len(lungs) >= 2, f"seed {seed}: a lung joins the outside air"
+
+
+# --- several sites -----------------------------------------------------------------------------------------
+
+def _site_folders(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir())
+
+
+def _global_statistics(image: np.ndarray) -> list[float]:
+    """7 global intensity statistics and the mean of the outer 3% frame: what a site's look changes."""
+    b = max(1, round(0.03 * image.shape[0]))
+    frame = np.concatenate([image[:b].ravel(), image[-b:].ravel(), image[:, :b].ravel(), image[:, -b:].ravel()])
+    return [image.mean(), image.std(), *np.percentile(image, [5, 25, 50, 75, 95]), frame.mean()]
+
+
+def test_sites_write_one_data_folder_each(tmp_path: Path) -> None:
+    out = generate(tmp_path / "sites", n_per_class=4, size=48, seed=5, sites=3, progress=False)
+    assert [p.name for p in _site_folders(out)] == ["site0", "site1", "site2"]
+    info = json.loads((out / "sites.json").read_text())
+    assert list(info["sites"]) == ["site0", "site1", "site2"] and info["confound"] == 0.0
+    for folder in _site_folders(out):
+        samples = discover(folder)
+        assert len(samples) == 16 and {s.source for s in samples} == {folder.name}
+        assert {s.group for s in samples} == {f"{folder.name}-p{k:04d}" for k in range(8)}
+        suffixes = {s.path.suffix for s in samples}
+        assert len(suffixes) <= 2 and suffixes <= {".png", ".jpg"}
+    combined = discover(_site_folders(out))
+    check_trainable(combined, str(out))
+    assert len({s.id for s in combined}) == 48 and len({s.group for s in combined}) == 24
+    again = generate(tmp_path / "again", n_per_class=4, size=48, seed=5, sites=3, progress=False)
+    assert all((again / p.relative_to(out)).read_bytes() == p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+
+def test_sites_differ_measurably(tmp_path: Path) -> None:
+    """A linear model on global statistics tells the sites apart; on shuffled site names it cannot."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out = generate(tmp_path / "sites", n_per_class=8, size=64, seed=0, sites=3, progress=False)
+    samples = discover(_site_folders(out))
+    for modality in MODALITIES:
+        mine = [s for s in samples if s.modality == modality]
+        x = np.array([_global_statistics(cv2.imread(str(s.path), cv2.IMREAD_GRAYSCALE).astype(float)) for s in mine])
+        site = np.unique([s.source for s in mine], return_inverse=True)[1]
+        for y, separated in ((site, True), (np.random.default_rng(0).permutation(site), False)):
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+            auc = roc_auc_score(y, cross_val_predict(model, x, y, cv=4, method="predict_proba"), multi_class="ovr")
+            assert auc > 0.9 if separated else auc < 0.75, (modality, separated, auc)
+
+
+def test_site_look_keeps_the_anatomy() -> None:
+    """The look changes how an image is rendered, not what it shows: intensity order survives in the chest
+    (at the original field of view, so that pixels can be compared one to one)."""
+    from scipy.stats import spearmanr
+
+    for look in site_looks(4, seed=2):
+        for modality in MODALITIES:
+            image, _ = make_image(modality, True, 96, np.random.default_rng(3))
+            rendered = apply_look(image, replace(look[modality], zoom=1.0), np.random.default_rng(4))
+            assert rendered.shape == image.shape and rendered.dtype == np.uint8
+            inner = slice(24, 72)
+            assert spearmanr(image[inner, inner].ravel(), rendered[inner, inner].ravel())[0] > 0.8
+
+
+@pytest.mark.parametrize("sites, confound, covid", [(2, 0.8, [18, 2]), (2, 0.0, [10, 10]), (3, 1.0, [20, 10, 0])])
+def test_confound_sets_the_site_label_correlation(tmp_path: Path, sites: int, confound: float,
+                                                  covid: list[int]) -> None:
+    from scipy.stats.contingency import association
+
+    out = generate(tmp_path / "s", n_per_class=10, size=32, seed=1, sites=sites, confound=confound, progress=False)
+    samples = [s for s in discover(_site_folders(out)) if s.modality == "ct"]  # one image per patient
+    table = np.array([[sum(s.label == c for s in samples if s.source == site.name) for c in (1, 0)]
+                      for site in _site_folders(out)])
+    assert table[:, 0].tolist() == covid and (table.sum(axis=1) == 20).all()
+    if sites == 2:
+        assert association(table, method="cramer") == pytest.approx(confound)
+    assert [v["covid_share"] for v in json.loads((out / "sites.json").read_text())["sites"].values()] == \
+        [c / 20 for c in covid]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sites": -1}, "sites=-1"), ({"sites": 2, "confound": 1.5}, "confound=1.5"),
+    ({"sites": 1, "confound": 0.5}, "needs at least 2 sites")])
+def test_bad_site_arguments_are_refused(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(RespiscanError, match=message):
+        generate(tmp_path / "s", 2, size=32, progress=False, **kwargs)
+    assert not (tmp_path / "s").exists()

@@ -1,6 +1,7 @@
 """respiscan: COVID-19 detection from chest X-rays and CT with multi-modal multi-task learning.
 
-`respiscan.train(data, out)`, `respiscan.load(bundle, engine="auto").predict(xray=..., ct=...)`, `respiscan.preprocess(...)`.
+`respiscan.train(data, out)`, `respiscan.load(bundle, engine="auto").predict(xray=..., ct=...)`,
+`respiscan.preprocess(...)`.
 Imports are lazy so that `import respiscan` (and the ONNX prediction path) does not pull in torch.
 """
 

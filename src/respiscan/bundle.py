@@ -1,19 +1,29 @@
 """The saved-model format: a folder with config.json (JSON, validated) and model.safetensors (never pickle).
 
 The config carries everything prediction needs (model structure, preprocessing, thresholds), so a bundle
-runs offline without the training data or the training code's state. Reading the config needs no torch
-(the ONNX engine uses it); torch is imported only to save or read weights.
+runs offline without the training data or the training code's state. `BundleConfig` is the one typed owner
+of config.json: every reader goes through `Bundle.open`, which checks the types of every key and the values
+a person may edit by hand, and says which file and key is wrong in one line. Keys this version does not know
+(a newer minor version's additions) are kept and written back. Reading a bundle needs no torch (the ONNX
+engine uses it); torch is imported only to save or read weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import types
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from respiscan import __version__
+from respiscan.data.preprocess import PreprocessConfig
+from respiscan.data.samples import CLASS_NAMES, MODALITIES
 from respiscan.errors import RespiscanError
+from respiscan.models.spec import ModelSpec
 from respiscan.utils import atomic_write, write_json
 
 if TYPE_CHECKING:
@@ -23,8 +33,205 @@ FORMAT = "respiscan-bundle"
 FORMAT_VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-_REQUIRED = {"format": str, "format_version": int, "model": dict, "preprocess": dict, "class_names": list,
-             "thresholds": dict, "weights_sha256": str}
+SPLITS = "splits.csv"  # the samples it was trained, validated and tested on (optional)
+LOGS = "logs"  # one CSV per training stage (optional)
+FUSION = "mean of the per-modality probabilities"
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048  # below: nothing left to see; above: no CPU batch fits in memory
+MAX_CLAHE_TILES = 64
+LEGACY_DISCRIMINATOR = "shared.discriminator."
+
+Modality = Literal["xray", "ct"]
+Kind = Literal["xray", "ct", "fused"]  # what a threshold or a metric is for: one modality, or both fused
+Precision = Literal["bf16", "fp32"]
+
+
+@dataclass(frozen=True)
+class Bf16Check:
+    """How far bf16 autocast moved the validation probabilities at training; prediction follows it."""
+
+    max_abs_difference: float
+    tolerance: float
+    images: str
+    prediction_default: Precision
+
+    @property
+    def allows_bf16(self) -> bool:
+        return self.max_abs_difference <= self.tolerance
+
+
+@dataclass(frozen=True)
+class OnnxGraph:
+    file: str  # a file name inside the bundle folder
+    sha256: str
+    max_abs_diff: float  # largest |p_onnx - p_torch_fp32| measured at export
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What `respiscan export` wrote: the graphs, their hashes, and the weights they were exported from."""
+
+    opset: int
+    input: str
+    output: str
+    weights_sha256: str
+    torch_version: str
+    graphs: dict[Modality, OnnxGraph]
+
+
+@dataclass(frozen=True)
+class DataFingerprint:
+    n_samples: int
+    samples_sha256: str  # the sample listing: ids, modalities, labels, splits, groups
+    files_sha256: str  # the file contents
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """The data the bundle was trained on."""
+
+    path: str  # the data folder, or the several joined by ", "
+    fingerprint: DataFingerprint
+    counts: dict[str, int]  # "modality/split/class" -> images
+    skipped: list[SkippedImage]
+    # absent in earlier bundles: every data folder given; source -> "modality/split/class" -> images
+    paths: list[str] | None = field(default=None, metadata={"omit_none": True})
+    sources: dict[str, dict[str, int]] | None = field(default=None, metadata={"omit_none": True})
+
+    def sources_by_modality(self) -> dict[str, list[str]]:
+        """The training sources of each modality (empty for bundles that predate the record)."""
+        found: dict[str, set[str]] = {}
+        for source, counts in (self.sources or {}).items():
+            for key in counts:
+                found.setdefault(key.split("/")[0], set()).add(source)
+        return {m: sorted(names) for m, names in sorted(found.items())}
+
+    def transfer_note(self) -> str:
+        """One line on what the sources allow a reader to expect at another site."""
+        by_modality = self.sources_by_modality()
+        if not by_modality:
+            return "training sources not recorded (bundle predates the record)"
+        single = [m for m, names in by_modality.items() if len(names) < 2]
+        parts = "; ".join(f"{m}: {', '.join(names)}" for m, names in by_modality.items())
+        if single:
+            return f"{parts} (one source for {', '.join(single)}: transfer to other sites is unverified)"
+        return parts
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleConfig:
+    """config.json, typed; fields in the order they are written. Records (training, audit, validation metrics)
+    are kept as the plain JSON objects their writers produce."""
+
+    format: Literal["respiscan-bundle"] = FORMAT
+    format_version: int = FORMAT_VERSION
+    respiscan_version: str | None = None  # the version that trained the bundle
+    model: ModelSpec
+    preprocess: PreprocessConfig
+    class_names: list[str]
+    positive_class: str = CLASS_NAMES[1]
+    thresholds: dict[Kind, float]  # COVID when p >= threshold
+    fusion: str = FUSION
+    training: dict[str, Any] = field(default_factory=dict)  # the TrainConfig, as its to_dict() wrote it
+    versions: dict[str, str] = field(default_factory=dict)
+    data: DataRecord
+    audit: dict[str, Any] | None = None
+    validation_metrics: dict[Kind, dict[str, Any]] = field(default_factory=dict)
+    bf16_check: Bf16Check | None = None  # None: not measured, the torch engine runs fp32
+    train_seconds: float | None = None
+    weights_sha256: str
+    # absent until exported: bundles written before `export` existed have no such key
+    onnx: OnnxExport | None = field(default=None, metadata={"omit_none": True})
+    # keys this version does not know, at every level, as read: written back unchanged
+    unknown: dict = field(default_factory=dict, compare=False, repr=False, metadata={"json": False})
+
+    @classmethod
+    def from_dict(cls, document: Any, where: str | Path = CONFIG) -> BundleConfig:
+        """The config of a JSON document, checked; RespiscanError naming `where` and the key otherwise."""
+        if not isinstance(document, dict):
+            raise RespiscanError(f"{where}: expected a JSON object, got {_describe(document)}")
+        try:
+            _check_format(document)
+            config, unknown = _build(cls, document, "")
+            config = replace(config, unknown=unknown)
+            _check_values(config)
+        except _Invalid as e:
+            raise RespiscanError(f"{where}: {e}") from None
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, in the format's key order, with the unknown keys as they were read."""
+        return _dump(self, self.unknown)
+
+    def with_onnx(self, onnx: OnnxExport) -> BundleConfig:
+        """A copy recording newly exported graphs (what an older export left under "onnx" is dropped)."""
+        return replace(self, onnx=onnx, unknown={k: v for k, v in self.unknown.items() if k != "onnx"})
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle folder and its checked config; `Bundle.open(path)` is how every consumer reads one."""
+
+    path: Path
+    config: BundleConfig
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bundle:
+        path = Path(path)
+        if not path.is_dir():
+            raise RespiscanError(f"{path}: not a bundle folder")
+        file = path / CONFIG
+        if not file.is_file():
+            raise RespiscanError(f"{file}: missing; not a respiscan bundle")
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RespiscanError(f"{file}: not valid JSON ({e})") from e
+        except OSError as e:
+            raise RespiscanError(f"{file}: cannot read ({e.strerror})") from e
+        return cls(path, BundleConfig.from_dict(document, file))
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def has_onnx(self) -> bool:
+        """Whether `respiscan export` has been run on this bundle."""
+        return self.config.onnx is not None and bool(self.config.onnx.graphs)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict, after checking the file's hash against the one recorded at save time."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.weights_path
+        if not path.is_file():
+            raise RespiscanError(f"{path}: missing weights file")
+        if sha256_file(path) != self.config.weights_sha256:
+            raise RespiscanError(f"{path}: weights do not match the hash in {CONFIG} (truncated or modified)")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RespiscanError(f"{path}: unreadable safetensors file ({e})") from e
+        # adversarial bundles of earlier releases also carried the modality discriminator, which prediction
+        # never runs: its weights are dropped, so those bundles load into today's network
+        return {k: v for k, v in state.items() if not k.startswith(LEGACY_DISCRIMINATOR)}
+
+    def save_config(self, config: BundleConfig) -> Bundle:
+        """Check `config` and replace config.json with it atomically; the bundle as it now is."""
+        checked = BundleConfig.from_dict(config.to_dict(), self.config_path)
+        write_json(self.config_path, checked.to_dict())
+        return Bundle(self.path, checked)
 
 
 def sha256_file(path: Path) -> str:
@@ -35,57 +242,187 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_bundle(out: Path, net: "torch.nn.Module", config: dict[str, Any]) -> Path:
-    """Write weights first, then the config that names their hash: a bundle is complete once config.json exists."""
-    from safetensors.torch import save
+def save_bundle(out: str | Path, net: torch.nn.Module, config: BundleConfig | dict[str, Any]) -> Path:
+    """Write a bundle: the weights, then the config that names their hash (complete once config.json exists).
+
+    `config` is a BundleConfig, or the plain dict the trainer builds (every key but format, format_version,
+    respiscan_version and weights_sha256); either is checked before anything is written.
+    """
+    from respiscan.runtime import tensor_bytes  # torch: only where weights are written
 
     out = Path(out)
+    weights = tensor_bytes(net.state_dict())
+    document = config.to_dict() if isinstance(config, BundleConfig) else {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "respiscan_version": __version__, **config}
+    document["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    checked = BundleConfig.from_dict(document, out / CONFIG)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     with atomic_write(out / WEIGHTS, "wb") as f:
-        f.write(save(state))
-    write_json(out / CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION, "respiscan_version": __version__,
-                              **config, "weights_sha256": sha256_file(out / WEIGHTS)})
+        f.write(weights)
+    write_json(out / CONFIG, checked.to_dict())
     return out
 
 
-def read_config(bundle: Path) -> dict[str, Any]:
-    """config.json, validated: clear one-line messages for anything missing, mistyped or too new."""
-    path = Path(bundle) / CONFIG
-    if not Path(bundle).is_dir():
-        raise RespiscanError(f"{bundle}: not a bundle folder")
-    if not path.is_file():
-        raise RespiscanError(f"{path}: missing; not a respiscan bundle")
+class _Invalid(Exception):
+    """A problem at one key; from_dict prefixes the file name."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key!r} {problem}" if key else problem)
+
+
+_NONE = type(None)
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false",
+               list: "a list", dict: "an object"}
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _join(key: str, name: str | int) -> str:
+    return f"{key}[{name}]" if isinstance(name, int) else f"{key}.{name}" if key else name
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _build(kind: Any, value: Any, key: str) -> tuple[Any, dict]:
+    """`value` checked against the annotation `kind` (dataclasses, Literal, X | None, list, dict, scalars, Any);
+    returns it converted (dataclasses built, ints as floats where floats are due) and the tree of keys unknown
+    to the dataclasses on the way."""
+    origin = get_origin(kind)
+    if kind is Any:
+        return value, {}
+    if is_dataclass(kind):
+        return _build_dataclass(kind, value, key)
+    if origin is Literal:
+        if isinstance(value, (dict, list)) or value not in get_args(kind):
+            raise _Invalid(key, f"is {value!r}; accepted: "
+                                f"{', '.join(map(str, get_args(kind)))}")
+        return value, {}
+    if origin in (Union, types.UnionType):
+        if value is None and _NONE in get_args(kind):
+            return None, {}
+        *others, last = [arg for arg in get_args(kind) if arg is not _NONE]
+        for arm in others:
+            try:
+                return _build(arm, value, key)
+            except _Invalid:
+                pass
+        return _build(last, value, key)
+    if origin in (list, tuple) or kind in (list, tuple):
+        if not isinstance(value, list):
+            raise _Invalid(key, f"should be a list, got {_describe(value)}")
+        item = (get_args(kind) or (Any,))[0]  # list[X] and tuple[X, ...]
+        built = [_build(item, v, _join(key, i)) for i, v in enumerate(value)]
+        items = [b for b, _ in built]
+        return (tuple(items) if tuple in (origin, kind) else items), {i: u for i, (_, u) in enumerate(built) if u}
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise _Invalid(key, f"should be an object, got {_describe(value)}")
+        names, items = get_args(kind) or (str, Any)
+        out, unknown = {}, {}
+        for name, v in value.items():
+            if get_origin(names) is Literal and name not in get_args(names):
+                raise _Invalid(key, f"has an unknown key {name!r}; accepted: {', '.join(get_args(names))}")
+            out[name], unknown[name] = _build(items, v, _join(key, name))
+        return out, {k: u for k, u in unknown.items() if u}
+    ok = (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+          or kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok or (kind is float and not math.isfinite(value)):
+        raise _Invalid(key, f"should be {_TYPE_NAMES.get(kind, kind.__name__)}, got {_describe(value)}")
+    return (float(value) if kind is float else value), {}
+
+
+def _build_dataclass(cls: type, value: Any, key: str) -> tuple[Any, dict]:
+    if not isinstance(value, dict):
+        raise _Invalid(key, f"should be an object, got {_describe(value)}")
+    kwargs, unknown = {}, {}
+    stored = [f for f in fields(cls) if f.init and f.metadata.get("json", True)]
+    for f in stored:
+        if f.name in value:
+            kwargs[f.name], sub = _build(_hints(cls)[f.name], value[f.name], _join(key, f.name))
+            if sub:
+                unknown[f.name] = sub
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise _Invalid("", f"missing key {_join(key, f.name)!r}")
+    names = {f.name for f in stored}
+    unknown.update({k: v for k, v in value.items() if k not in names})
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RespiscanError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise RespiscanError(f"{path}: expected a JSON object")
-    for key, kind in _REQUIRED.items():
-        if key not in config:
-            raise RespiscanError(f"{path}: missing key {key!r}")
-        if not isinstance(config[key], kind):
-            raise RespiscanError(f"{path}: {key!r} should be {kind.__name__}, got {type(config[key]).__name__}")
-    if config["format"] != FORMAT:
-        raise RespiscanError(f"{path}: format {config['format']!r} is not {FORMAT!r}")
-    if config["format_version"] > FORMAT_VERSION:
-        raise RespiscanError(f"{path}: bundle format version {config['format_version']} is newer than this respiscan "
-                             f"supports ({FORMAT_VERSION}); upgrade respiscan")
-    return config
+        return cls(**kwargs), unknown
+    except (RespiscanError, TypeError, ValueError) as e:
+        raise _Invalid(key, f"is invalid: {e}") from e
 
 
-def read_weights(bundle: Path, config: dict[str, Any]) -> dict[str, "torch.Tensor"]:
-    """The state dict, after checking the file's hash against the one recorded at save time."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _dump(value: Any, unknown: dict) -> Any:
+    """JSON-ready value of `value`, with the unknown keys of the tree `_build` returned put back."""
+    if is_dataclass(value):
+        out = {}
+        for f in fields(value):
+            v = getattr(value, f.name)
+            if f.metadata.get("json", True) and not (v is None and f.metadata.get("omit_none")):
+                out[f.name] = _dump(v, unknown.get(f.name, {}))
+        return {**out, **{k: v for k, v in unknown.items() if k not in {f.name for f in fields(value)}}}
+    if isinstance(value, dict):
+        return {k: _dump(v, unknown.get(k, {})) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_dump(v, unknown.get(i, {})) for i, v in enumerate(value)]
+    return value
 
-    path = Path(bundle) / WEIGHTS
-    if not path.is_file():
-        raise RespiscanError(f"{path}: missing weights file")
-    if sha256_file(path) != config["weights_sha256"]:
-        raise RespiscanError(f"{path}: weights do not match the hash in config.json (truncated or modified)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RespiscanError(f"{path}: unreadable safetensors file ({e})") from e
+
+def _check_format(document: dict) -> None:
+    """Format and version first: a newer version's other keys must not hide that it is newer."""
+    if "format" not in document:
+        raise _Invalid("", "missing key 'format': not a respiscan bundle")
+    if document["format"] != FORMAT:
+        raise _Invalid("format", f"is {document['format']!r}, not {FORMAT!r}: not a respiscan bundle")
+    version = document.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _Invalid("format_version", f"should be a positive integer, got {_describe(version)}")
+    if version > FORMAT_VERSION:
+        raise _Invalid("", f"bundle format version {version} is newer than this respiscan supports "
+                           f"({FORMAT_VERSION}); upgrade respiscan")
+
+
+def _check_values(config: BundleConfig) -> None:
+    """The values a person may edit by hand, checked where types cannot say it."""
+    model, pre = config.model, config.preprocess
+    if not model.modalities or len(set(model.modalities)) != len(model.modalities):
+        raise _Invalid("model.modalities", f"should list each modality once, got {model.modalities}")
+    for m in model.modalities:
+        if m not in MODALITIES:
+            raise _Invalid("model.modalities", f"has an unknown modality {m!r}; accepted: {', '.join(MODALITIES)}")
+    for name, backbones in (("task_backbones", model.task_backbones), ("shared_backbones", model.shared_backbones)):
+        missing = [m for m in model.modalities if backbones is not None and m not in backbones]
+        if missing:
+            raise _Invalid(f"model.{name}", f"has no backbone for {missing[0]}")
+    if not MIN_IMAGE_SIZE <= pre.size <= MAX_IMAGE_SIZE:
+        raise _Invalid("preprocess.size", f"is {pre.size}; accepted: {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
+    if not pre.clahe_clip > 0:
+        raise _Invalid("preprocess.clahe_clip", f"is {pre.clahe_clip:g}; the CLAHE clip limit must be positive")
+    if not 1 <= pre.clahe_tiles <= min(MAX_CLAHE_TILES, pre.size):
+        raise _Invalid("preprocess.clahe_tiles", f"is {pre.clahe_tiles}; accepted: 1 to "
+                                                 f"{min(MAX_CLAHE_TILES, pre.size)} tiles per side")
+    if not 0 <= pre.ct_opening < pre.size:
+        raise _Invalid("preprocess.ct_opening", f"is {pre.ct_opening}; accepted: 0 (off) to {pre.size - 1} pixels")
+    if not pre.dicom_ct_width > 0:
+        raise _Invalid("preprocess.dicom_ct_width", f"is {pre.dicom_ct_width:g}; the CT window width must be "
+                                                    "positive (HU)")
+    if config.class_names != list(CLASS_NAMES):
+        raise _Invalid("class_names", f"is {config.class_names}; format {FORMAT_VERSION} has {list(CLASS_NAMES)}")
+    if config.positive_class != CLASS_NAMES[1]:
+        raise _Invalid("positive_class", f"is {config.positive_class!r}; format {FORMAT_VERSION} has "
+                                         f"{CLASS_NAMES[1]!r}")
+    for kind, threshold in config.thresholds.items():
+        if not 0 <= threshold <= 1:
+            raise _Invalid(f"thresholds.{kind}", f"is {threshold:g}; a threshold must lie in [0, 1]")
+    needed = [*model.modalities, *(["fused"] if len(model.modalities) > 1 else [])]
+    missing = [k for k in needed if k not in config.thresholds]
+    if missing:
+        raise _Invalid("thresholds", f"has no threshold for {missing[0]}")
+    for m, graph in (config.onnx.graphs.items() if config.onnx else ()):
+        if not graph.file or Path(graph.file).name != graph.file or graph.file in (".", ".."):
+            raise _Invalid(f"onnx.graphs.{m}.file", f"is {graph.file!r}; expected a file name inside the bundle")

@@ -26,20 +26,29 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 @app.command()
 def synth(out: Path = typer.Argument(..., help="Folder to create (reference layout + manifest.csv)."),
-          n_per_class: int = typer.Option(50, help="Images per class and modality (train + test)."),
+          n_per_class: int = typer.Option(50, help="Images per class and modality (train + test), per site."),
           size: int = typer.Option(224, help="Image side in pixels."),
-          seed: int = typer.Option(0)) -> None:
-    """Write a synthetic data set of X-ray-like and CT-like phantoms."""
+          seed: int = typer.Option(0),
+          sites: int = typer.Option(0, help="Write this many sites (OUT/site0, ...), each with its own look."),
+          confound: float = typer.Option(0.0, help="0-1: skew each site's COVID share (site-label correlation)."),
+          ) -> None:
+    """Write a synthetic data set of X-ray-like and CT-like phantoms (with --sites: one folder per site)."""
     from respiscan.data.synth import generate
 
-    generate(out, n_per_class=n_per_class, size=size, seed=seed)
-    typer.echo(f"synthetic data written to {out}")
+    generate(out, n_per_class=n_per_class, size=size, seed=seed, sites=sites, confound=confound)
+    if sites < 2:
+        typer.echo(f"synthetic data written to {out}")
+        return
+    folders = " ".join(str(p) for p in sorted(Path(out).iterdir()) if p.is_dir())
+    typer.echo(f"{sites} synthetic sites written to {out} (looks and COVID shares: {Path(out) / 'sites.json'}); "
+               f"train on them with: respiscan train {folders} --out BUNDLE")
 
 
 @app.command()
 def preprocess(data: Path = typer.Argument(..., help="Data folder or manifest."),
                out: Path = typer.Argument(..., help="New folder for the preprocessed images (same layout)."),
-               size: int = typer.Option(224), strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
+               size: int = typer.Option(224),
+               strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
     """Write preprocessed copies (CLAHE, CT opening, resize) in the same layout; the originals are untouched."""
     from respiscan.data.export import write_preprocessed
 
@@ -49,15 +58,19 @@ def preprocess(data: Path = typer.Argument(..., help="Data folder or manifest.")
 
 
 @app.command()
-def train(data: Path = typer.Argument(..., help="Data folder (reference layout, manifest.csv, or train/test.csv)."),
+def train(data: list[Path] = typer.Argument(..., help="Data folder(s) (reference layout, manifest.csv, or "
+                                             "train/test.csv); several are read together, one source each."),
           out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
           preset: str = typer.Option("fast", help="fast (default, CPU), seed (the reference's backbones), tiny."),
           shared: Optional[str] = typer.Option(None, help="Shared MLP: plain, adversarial or none."),
-          backbone: Optional[str] = typer.Option(None, help="timm backbone for every embedding model."),
+          backbone: Optional[str] = typer.Option(None, help="Backbone of every embedding model: a timm name, or "
+                                                 "torchxrayvision's xrv:densenet121-res224-all (the xrv extra)."),
           image_size: Optional[int] = typer.Option(None, help="Input size in pixels (331 for NASNetLarge)."),
           epochs: Optional[int] = typer.Option(None, help="Maximum epochs of the embedding-model stage."),
-          pretrained: bool = typer.Option(False, help="Use timm's pretrained weights (downloads; frozen backbone)."),
-          weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file, or a folder of <backbone>.* files."),
+          pretrained: bool = typer.Option(False, help="Use timm's (or torchxrayvision's) pretrained weights "
+                                                      "(downloads; frozen backbone)."),
+          weights: Optional[Path] = typer.Option(None, help="Local pretrained weights file, or a folder of "
+                                                            "<backbone>.* files."),
           seed: int = typer.Option(0), strict: bool = typer.Option(False, help="Fail on unreadable images."),
           resume: bool = typer.Option(False, help="Continue from the last finished stage in OUT."),
           device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -66,19 +79,9 @@ def train(data: Path = typer.Argument(..., help="Data folder (reference layout, 
     from respiscan.training.config import preset as make_preset
     from respiscan.training.trainer import train as run_train
 
-    cfg = make_preset(preset)
-    cfg.seed = seed
-    if shared:
-        cfg.model = type(cfg.model)(**{**cfg.model.to_dict(), "shared": shared})
-    if backbone:
-        cfg.model.task_backbones = {m: backbone for m in cfg.model.task_backbones}
-        cfg.model.shared_backbones = None
-    if image_size:
-        cfg.preprocess = type(cfg.preprocess)(**{**cfg.preprocess.to_dict(), "size": image_size})
-    if epochs:
-        cfg.backbone_fit.epochs = epochs
-    cfg.pretrained = str(weights) if weights else pretrained
-    bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
+    cfg = make_preset(preset).with_overrides(seed=seed, shared=shared, backbone=backbone, image_size=image_size,
+                                             epochs=epochs, pretrained=str(weights) if weights else pretrained)
+    bundle = run_train(_one_or_many(data), out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
     typer.echo(f"bundle written to {bundle}")
 
 
@@ -86,9 +89,11 @@ def train(data: Path = typer.Argument(..., help="Data folder (reference layout, 
 def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             xray: Optional[Path] = typer.Option(None, help="Chest X-ray image."),
             ct: Optional[Path] = typer.Option(None, help="CT slice image."),
-            data: Optional[Path] = typer.Option(None, help="Batch: a data folder/manifest, or a plain folder with --modality."),
+            data: Optional[Path] = typer.Option(None, help="Batch: a data folder/manifest, or a plain folder with "
+                                                           "--modality."),
             modality: Optional[str] = typer.Option(None, help="Modality of a plain image folder given to --data."),
-            out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv); with a CT volume: its per-slice scores."),
+            out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv); "
+                                                          "with a CT volume: its per-slice scores."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per case."),
             engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
             explain: Optional[Path] = typer.Option(None, help="Write Grad-CAM overlays of each input image here."),
@@ -122,12 +127,13 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
                 typer.echo(f"{m:5s} p(COVID) = {result[f'{m}_probability']:.4f}")
         if "ct_volume" in result:
             v = result["ct_volume"]
-            typer.echo(f"      CT volume: {v['n_lung_slices']} of {v['n_slices']} slices contain lung; {v['aggregation']} (k={v['k']})")
+            typer.echo(f"      CT volume: {v['n_lung_slices']} of {v['n_slices']} slices contain lung; "
+                       f"{v['aggregation']} (k={v['k']})")
         typer.echo(f"label: {result['label']} (p = {result['probability']:.4f}, threshold {result['threshold']:.3f})")
         for path in result.get("explanations", []):
             typer.echo(f"Grad-CAM: {path}")
         return
-    from respiscan.data.samples import folder_samples, discover
+    from respiscan.data.samples import discover, folder_samples
     from respiscan.serving.pipeline import write_predictions
 
     samples = folder_samples(data, modality) if modality else discover(data)
@@ -143,13 +149,13 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
 @app.command()
 def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
-             data: Path = typer.Argument(..., help="Data folder or manifest; its test split is used."),
+             data: list[Path] = typer.Argument(..., help="Data folder(s) or manifest(s); their test split is used."),
              out: Optional[Path] = typer.Option(None, help="Output folder (default BUNDLE/evaluation)."),
              strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
     """Metrics on the test split, per modality and fused (COVID is the positive class)."""
     from respiscan.evaluation.evaluate import evaluate as run_evaluate
 
-    results = run_evaluate(bundle, data, out, strict=strict)
+    results = run_evaluate(bundle, _one_or_many(data), out, strict=strict)
     _report_skipped([(s["id"], s["reason"]) for s in results["skipped"]])
     for name, m in [*results["modalities"].items(), *([("fused", results["fused"])] if "fused" in results else [])]:
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
@@ -159,13 +165,14 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
 
 @app.command()
-def audit(data: Path = typer.Argument(..., help="Data folder or manifest."),
+def audit(data: list[Path] = typer.Argument(..., help="Data folder(s) or manifest(s); several are audited together."),
           out: Optional[Path] = typer.Option(None, help="Folder for audit.json."),
           near_threshold: int = typer.Option(2, help="Largest perceptual-hash distance counted as a near duplicate."),
           strict: bool = typer.Option(False, help="Exit 2 when an image appears in two splits.")) -> None:
     """Duplicates across splits, class balance per split and source, source/label confounds."""
+    from respiscan.data.audit import audit as run_audit
+    from respiscan.data.audit import check_strict, format_audit
     from respiscan.data.samples import discover
-    from respiscan.data.audit import audit as run_audit, check_strict, format_audit
     from respiscan.utils import write_json
 
     result = run_audit(discover(data), near_threshold=near_threshold)
@@ -174,6 +181,32 @@ def audit(data: Path = typer.Argument(..., help="Data folder or manifest."),
         write_json(Path(out) / "audit.json", result)
     if strict:
         check_strict(result)
+
+
+@app.command()
+def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each folder is a source unless its "
+                                               "manifest names them."),
+             out: Path = typer.Option(..., "--out", "-o", help="Folder for folds, crossval.md/.csv/.json."),
+             by: str = typer.Option("source", help="source: leave each source out in turn; group: grouped "
+                                    "K-fold (--folds)."),
+             folds: int = typer.Option(5, help="K for --by group."),
+             preset: str = typer.Option("fast", help="Training preset of every fold."),
+             epochs: Optional[int] = typer.Option(None, help="Maximum epochs of the embedding-model stage."),
+             seed: int = typer.Option(0),
+             resume: bool = typer.Option(False, help="Reuse finished folds and stages in OUT.")) -> None:
+    """External validation: one model per fold, each scored on the source (or groups) it left out."""
+    from respiscan.experiments.crossval import BY, run_crossval
+    from respiscan.training.config import preset as make_preset
+
+    if by not in BY:
+        raise RespiscanError(f"unknown --by {by!r}; accepted: {', '.join(BY)}")
+    result = run_crossval(data, out, make_preset(preset).with_overrides(seed=seed, epochs=epochs), by=by,
+                          folds=folds, resume=resume)
+    for r in result["folds"]:
+        typer.echo(f"{r['held_out']:28s} {r['modality']:5s} n={r['n']:4d} AUC={_fmt(r['auc'])} "
+                   f"sens={_fmt(r['sensitivity'])} spec={_fmt(r['specificity'])} ECE={_fmt(r['ece'])} "
+                   f"(in-source validation AUC {_fmt(r['in_source_val_auc'])})")
+    typer.echo(f"table: {Path(out) / 'crossval.md'}")
 
 
 @app.command()
@@ -186,9 +219,7 @@ def significance(data: Path = typer.Argument(..., help="Data folder or manifest.
     from respiscan.experiments.significance import run_significance
     from respiscan.training.config import preset as make_preset
 
-    cfg = make_preset(preset)
-    cfg.seed = seed
-    summary = run_significance(data, out, runs, cfg)
+    summary = run_significance(data, out, runs, make_preset(preset).with_overrides(seed=seed))
     for m, result in summary["anova"].items():
         typer.echo(f"{m}: {result['sentence']}")
     typer.echo(f"summary: {Path(out) / 'summary.md'}")
@@ -218,8 +249,8 @@ def inspect(xray: Path = typer.Argument(..., help="One chest X-ray image."),
             ct: Path = typer.Argument(..., help="One CT slice image."),
             out: Path = typer.Option(Path("panel.png"), help="PNG to write.")) -> None:
     """The reference's sample-processing panel (thresholds, blurs, morphology, edges, equalisation)."""
-    from respiscan.data.io import read_image
     from respiscan.data.inspect_panel import sample_panel
+    from respiscan.data.io import read_image
 
     typer.echo(f"panel written to {sample_panel(read_image(xray, 'xray'), read_image(ct, 'ct'), out)}")
 
@@ -227,30 +258,38 @@ def inspect(xray: Path = typer.Argument(..., help="One chest X-ray image."),
 @app.command()
 def info(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     """What a bundle is: model, preprocessing, thresholds, training data fingerprint, versions, metrics."""
-    from respiscan.bundle import read_config
+    from dataclasses import asdict
 
-    config = read_config(bundle)
-    model = config["model"]
-    typer.echo(f"bundle        {bundle} (format {config['format_version']}, respiscan {config.get('respiscan_version')})")
-    typer.echo(f"modalities    {', '.join(model['modalities'])}")
-    typer.echo(f"backbones     task {model['task_backbones']}; shared {model.get('shared_backbones') or 'same as task'}")
-    typer.echo(f"shared MLP    {model['shared']}")
-    typer.echo(f"preprocess    {config['preprocess']}")
-    typer.echo(f"thresholds    {config['thresholds']} (chosen on validation)")
-    data = config.get("data", {})
-    typer.echo(f"data          {data.get('path')}  {data.get('fingerprint')}")
-    typer.echo(f"data counts   {data.get('counts')}")
-    if data.get("skipped"):
-        typer.echo(f"skipped       {len(data['skipped'])} unreadable image(s)")
-    typer.echo(f"training      seed {config.get('training', {}).get('seed')}, {config.get('train_seconds')} s")
-    typer.echo(f"versions      {config.get('versions')}")
-    for m, metrics in config.get("validation_metrics", {}).items():
+    from respiscan.bundle import Bundle
+
+    config = Bundle.open(bundle).config
+    model, data, check = config.model, config.data, config.bf16_check
+    typer.echo(f"bundle        {bundle} (format {config.format_version}, respiscan {config.respiscan_version})")
+    typer.echo(f"modalities    {', '.join(model.modalities)}")
+    typer.echo(f"backbones     task {model.task_backbones}; shared {model.shared_backbones or 'same as task'}")
+    typer.echo(f"shared MLP    {model.shared}")
+    typer.echo(f"preprocess    {asdict(config.preprocess)}")
+    typer.echo(f"thresholds    {config.thresholds} (chosen on validation)")
+    typer.echo(f"data          {data.path}  {asdict(data.fingerprint)}")
+    typer.echo(f"data counts   {data.counts}")
+    typer.echo(f"sources       {data.transfer_note()}")
+    if data.skipped:
+        typer.echo(f"skipped       {len(data.skipped)} unreadable image(s)")
+    typer.echo(f"training      seed {config.training.get('seed')}, {config.train_seconds} s")
+    typer.echo(f"versions      {config.versions}")
+    for m, metrics in config.validation_metrics.items():
         typer.echo(f"validation    {m}: AUC {_fmt(metrics.get('roc_auc'))}, accuracy {_fmt(metrics.get('accuracy'))}")
-    check = config.get("bf16_check")
-    typer.echo("bf16          " + ("not measured: the torch engine runs fp32" if not check else
-               f"max |p_bf16 - p_fp32| {check['max_abs_difference']:.2e} on validation (tolerance "
-               f"{check['tolerance']:g}): the torch engine runs {check['prediction_default']}"))
-    typer.echo(f"weights       sha256 {config['weights_sha256']}")
+    typer.echo("bf16          " + ("not measured: the torch engine runs fp32" if check is None else
+               f"max |p_bf16 - p_fp32| {check.max_abs_difference:.2e} on validation (tolerance "
+               f"{check.tolerance:g}): the torch engine runs {check.prediction_default}"))
+    typer.echo("onnx          " + (f"graphs for {', '.join(config.onnx.graphs)} (opset {config.onnx.opset})"
+                                   if config.onnx else "not exported (`respiscan export` writes the graphs)"))
+    typer.echo(f"weights       sha256 {config.weights_sha256}")
+
+
+def _one_or_many(data: list[Path]) -> Path | list[Path]:
+    """One DATA argument as a path, as before; several as a list (discover reads them as one data set)."""
+    return data[0] if len(data) == 1 else data
 
 
 def _fmt(v: float | None) -> str:

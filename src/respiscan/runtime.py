@@ -5,7 +5,9 @@ It sits below `training/` and `serving/`, so that prediction never imports the t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from respiscan.errors import RespiscanError
+from respiscan.utils import atomic_write
 
 BF16_TOLERANCE = 1e-2  # largest |p_bf16 - p_fp32| for which prediction may run in bf16
 
@@ -37,7 +40,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as e:
         raise RespiscanError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise RespiscanError(f"device {name!r} was asked for but this machine has no such CUDA device; use --device cpu")
+        raise RespiscanError(f"device {name!r} was asked for but this machine has no such CUDA device; "
+                             "use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise RespiscanError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
     return device
@@ -57,6 +61,25 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator | None = Non
         yield idx
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches `minibatches(n, batch_size, generator)` yields: an lr schedule must span exactly these."""
+    return sum(1 for start in range(0, n, batch_size) if min(batch_size, n - start) >= 2)
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes; tensors detached and copied to contiguous CPU memory, as safetensors needs."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """One safetensors file, written atomically: an interrupted run leaves the previous file, never half a new one."""
+    with atomic_write(path, "wb") as f:
+        f.write(tensor_bytes(tensors, metadata))
+    return Path(path)
+
+
 @torch.no_grad()
 def predict_logits(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 256,
                    bf16: bool = False, device: torch.device | str = "cpu") -> np.ndarray:
@@ -66,8 +89,6 @@ def predict_logits(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         with autocast(bf16, device):
             out.append(fn(x[idx].to(device)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
 
 
 def bf16_difference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

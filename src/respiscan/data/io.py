@@ -34,6 +34,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from respiscan.errors import ImageReadError, RespiscanError
+from respiscan.extras import MissingDicomDecoder
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -373,16 +374,23 @@ def _decode_dicom(path: Path, ds: Dataset) -> np.ndarray:
     frames = _frame_count(ds)
     _check_size(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), frames)
     syntax = ds.file_meta.get("TransferSyntaxUID")
+    pillow_only = False
     if syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed:
         try:
             decoder = get_decoder(syntax)
         except NotImplementedError:
             raise ImageReadError(f"{path}: DICOM transfer syntax {syntax.name} is not supported") from None
+        package = "pylibjpeg-openjpeg" if syntax in JPEG2000TransferSyntaxes else "pylibjpeg-libjpeg"
         if not decoder.is_available:
-            packages = "pylibjpeg-openjpeg" if syntax in JPEG2000TransferSyntaxes else "pylibjpeg-libjpeg"
-            raise ImageReadError(f"{path}: no decoder for {syntax.name} pixel data is installed; "
-                                 f"pip install pylibjpeg {packages}")
-    pixels = ds.pixel_array
+            raise MissingDicomDecoder(path, syntax.name, package)
+        # Pillow (a core dependency) decodes 8-bit JPEG and some JPEG 2000, not 12/16-bit JPEG
+        pillow_only = set(decoder.available_plugins) <= {"pillow"}
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        if pillow_only:
+            raise MissingDicomDecoder(path, syntax.name, package, tried="Pillow") from exc
+        raise
     return pixels[np.newaxis] if frames == 1 else pixels
 
 

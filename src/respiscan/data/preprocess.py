@@ -6,29 +6,23 @@ train/serve skew); here the same `preprocess` runs on both paths, with settings 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from respiscan.errors import RespiscanError
+from respiscan.utils import Record
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(Record):
     size: int = 224
     clahe_clip: float = 4.0
     clahe_tiles: int = 8
     ct_opening: int = 2  # square kernel side of the CT morphological opening; 0 turns it off
     dicom_ct_center: float = -600.0  # lung window applied to CT DICOM/NIfTI values in HU
     dicom_ct_width: float = 1500.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def apply(self, image: np.ndarray, modality: str) -> np.ndarray:
         return preprocess(image, modality, self.size, clahe_clip=self.clahe_clip, clahe_tiles=self.clahe_tiles,

@@ -1,15 +1,18 @@
 """Find the samples of a data set: the reference folder layout, a manifest CSV, or train.csv/test.csv.
 
-Every sample gets an id (its path relative to the data root), a modality, a label (1 = COVID), a split and,
-when known, a group (patient/case) and a source. A validation split is carved from train here, grouped by
+Every sample gets an id (its path relative to the data root), a modality, a label (1 = COVID), a split, a
+source (the manifest's, else the data folder's name) and, when known, a group (patient/case). Several data
+folders (sites, hospitals) can be read together. A validation split is carved from train here, grouped by
 `group`, so that no later stage ever needs the test split for a choice.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,7 +45,8 @@ def parse_label(value: str, where: str) -> int:
     label = _LABELS.get(_key(value))
     if label is None:
         raise RespiscanError(
-            f"{where}: unknown label {value!r}; accepted: COVID, Non_COVID (or covid/non-covid, positive/negative, 1/0)")
+            f"{where}: unknown label {value!r}; "
+            "accepted: COVID, Non_COVID (or covid/non-covid, positive/negative, 1/0)")
     return label
 
 
@@ -69,10 +73,50 @@ class Sample:
         return row
 
 
-def discover(data: str | Path) -> list[Sample]:
-    """All samples under `data` (a folder in the reference layout, a folder with manifest.csv or
-    train.csv/test.csv, or a manifest CSV file), sorted by id."""
-    data = Path(data)
+DataPaths = str | Path | Sequence[str | Path]
+
+
+def data_paths(data: DataPaths) -> list[Path]:
+    """The data folders (or manifests) given, as a list: callers accept one path or several."""
+    return [Path(d) for d in data] if isinstance(data, (list, tuple)) else [Path(data)]
+
+
+def describe(data: DataPaths) -> str:
+    """The data folder(s) as messages and records name them."""
+    return ", ".join(map(str, data_paths(data)))
+
+
+def folder_name(data: str | Path) -> str:
+    """The name of a data folder (of a manifest file: its folder's), unresolved so a symlink keeps its own name."""
+    path = Path(os.path.abspath(data))
+    return (path.parent if path.is_file() else path).name
+
+
+def discover(data: DataPaths) -> list[Sample]:
+    """All samples under one data folder or several, sorted by id. Each is a folder in the reference layout, a
+    folder with manifest.csv or train.csv/test.csv, or a manifest CSV file.
+
+    With several, ids get the folder's name as a prefix ("site_a/X_Ray_Train/COVID/1.png") and groups their
+    source's ("site_a:p1"), so neither collides nor merges across folders; two folders of the same name are an
+    error, since ids and default sources would be ambiguous.
+    """
+    paths = data_paths(data)
+    if not paths:
+        raise RespiscanError("no data folder given")
+    if len(paths) == 1:
+        return _discover_one(paths[0])
+    names = [folder_name(p) for p in paths]
+    for name, n in Counter(names).items():
+        if n > 1:
+            same = ", ".join(str(p) for p, other in zip(paths, names) if other == name)
+            raise RespiscanError(f"{same}: {n} data folders named {name!r}; sample ids and sources are named "
+                                 "after the folder, so give each a distinct name (a symlink will do)")
+    samples = [replace(s, id=f"{name}/{s.id}", group=s.group and f"{s.source}:{s.group}")
+               for path, name in zip(paths, names) for s in _discover_one(path)]
+    return sorted(samples, key=lambda s: s.id)
+
+
+def _discover_one(data: Path) -> list[Sample]:
     if not data.exists():
         raise RespiscanError(f"{data}: no such file or folder")
     if data.is_file():
@@ -93,7 +137,8 @@ def discover(data: str | Path) -> list[Sample]:
     dupes = [i for i, n in ids.items() if n > 1]
     if dupes:
         raise RespiscanError(f"{data}: duplicate sample id {dupes[0]!r} ({len(dupes)} duplicated)")
-    return sorted(samples, key=lambda s: s.id)
+    name = folder_name(data)
+    return sorted((replace(s, source=s.source or name) for s in samples), key=lambda s: s.id)
 
 
 def _from_layout(root: Path) -> list[Sample]:
@@ -167,13 +212,16 @@ def check_trainable(samples: list[Sample], where: str) -> None:
         labels = {s.label for s in train if s.modality == modality}
         if len(labels) == 1:
             only = CLASS_NAMES[labels.pop()]
-            raise RespiscanError(f"{where}: {modality} training data has only one class ({only}); need COVID and Non_COVID")
+            raise RespiscanError(f"{where}: {modality} training data has only one class ({only}); "
+                                 "need COVID and Non_COVID")
 
 
 def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 0) -> list[Sample]:
     """Move a stratified, group-aware fraction of each modality's train samples to split 'val'.
 
-    A modality that already has validation samples is left as it is. Test samples are never touched.
+    Strata are source x class where every stratum is large enough, so each source is validated on. A source
+    that already has validation samples of a modality keeps them, and its train samples stay in train. Test
+    samples are never touched.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -181,16 +229,17 @@ def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 
     index = {s.id: i for i, s in enumerate(out)}
     for modality in MODALITIES:
         mod = [s for s in out if s.modality == modality]
-        if any(s.split == "val" for s in mod):
-            continue
-        train = [s for s in mod if s.split == "train"]
+        validated = {s.source for s in mod if s.split == "val"}
+        train = [s for s in mod if s.split == "train" and s.source not in validated]
         if len(train) < 4:
             continue
         labels = np.array([s.label for s in train])
         groups = np.array([s.group or f"__{s.id}" for s in train])
         n_splits = max(2, min(round(1 / fraction), int(np.bincount(labels).min())))
+        strata = np.unique([f"{s.source}|{s.label}" for s in train], return_inverse=True)[1]
+        y = strata if np.bincount(strata).min() >= n_splits else labels
         folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        _, val_idx = next(folds.split(np.zeros(len(train)), labels, groups))
+        _, val_idx = next(folds.split(np.zeros(len(train)), y, groups))
         for i in val_idx:
             out[index[train[i].id]] = replace(train[i], split="val")
     return out
@@ -211,12 +260,28 @@ def fingerprint(samples: list[Sample]) -> dict[str, str | int]:
 
 
 def write_manifest(samples: list[Sample], path: Path, root: Path | None = None) -> None:
-    """Write samples as a manifest CSV (paths relative to `root` when given)."""
+    """Write samples as a manifest CSV: paths relative to `root` when given (each must lie under it), else
+    absolute, so that the file (a bundle's splits.csv) means the same from any working directory."""
     from respiscan.utils import write_rows
 
-    rows = [{**s.as_row(), "path": Path(s.path).relative_to(root).as_posix() if root else str(s.path),
-             "label": CLASS_NAMES[s.label], "group": s.group or "", "source": s.source or ""} for s in samples]
+    def where(s: Sample) -> str:
+        if root is None:
+            return os.path.abspath(s.path)
+        if not Path(s.path).is_relative_to(root):
+            raise RespiscanError(f"{path}: {s.path} is not inside {root}, so it has no path relative to it")
+        return Path(s.path).relative_to(root).as_posix()
+
+    rows = [{**s.as_row(), "path": where(s), "label": CLASS_NAMES[s.label], "group": s.group or "",
+             "source": s.source or ""} for s in samples]
     write_rows(path, rows, ["id", "path", "modality", "label", "split", "group", "source"])
+
+
+def count_by_source(samples: list[Sample]) -> list[dict[str, str | int]]:
+    """Labelled samples per source x modality x split x class, as rows: what each site brought (the bundle
+    records it)."""
+    counts = Counter((s.source or "unspecified", s.modality, s.split, CLASS_NAMES[s.label]) for s in samples)
+    return [{"source": source, "modality": modality, "split": split, "label": label, "n": n}
+            for (source, modality, split, label), n in sorted(counts.items())]
 
 
 def folder_samples(folder: str | Path, modality: str) -> list[Sample]:

@@ -6,11 +6,16 @@ canonical frame, then jittered by a small random affine warp, so anatomy varies 
 cases get 1-4 hazy peripheral patches, some faint; about 30% of Non-COVID cases get a confounder (a dense
 sharp-edged lobar consolidation or a small nodule), so that "any brightness in the lung" does not separate
 the classes and a model has to learn what the opacity looks like and where it sits.
+
+With `sites`, the same phantoms are rendered by several synthetic hospitals, each with its own look (intensity
+profile, noise, blur, frame, burned-in text, field of view, file format), one folder per site; `confound` skews
+each site's COVID share, so a model can score by recognising the site: the test bed for methods against that.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from tqdm import tqdm
 
 from respiscan.data.samples import CLASS_NAMES, MANIFEST_NAME, MODALITIES
 from respiscan.errors import RespiscanError
+from respiscan.utils import write_json
 
 _LAYOUT_PREFIX = {"xray": "X_Ray", "ct": "CT_Scan"}
 _MIN_SIZE = 32
@@ -354,20 +360,136 @@ def make_image(modality: str, covid: bool, size: int, rng: np.random.Generator) 
     return _DRAW[modality](bool(covid), int(size), rng)
 
 
-def _patients(n_per_class: int, n_test: int, seed: int) -> list[tuple[int, int, str]]:
-    """(patient index, label, split) for 2 * n_per_class patients; labels shuffled so ids say nothing."""
+# --- sites: how one hospital's scanners and export pipeline render every image ----------------------------
+
+_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+@dataclass(frozen=True)
+class SiteLook:
+    """One site's rendering of one modality; every field is a cue a model can learn instead of the disease."""
+    gamma: float  # intensity profile: offset + contrast * image ** gamma
+    contrast: float
+    offset: float
+    noise: float  # detector noise (sd, intensity in [0, 1])
+    blur: float  # Gaussian sigma in pixels of a 224-px image
+    zoom: float  # field of view: > 1 crops into the centre
+    border_width: float  # frame width as a fraction of the side (0: none)
+    border_value: float  # 0 black frame, 1 white
+    mark_corner: str | None  # corner of the burned-in text block (None: no text)
+    mark_height: float  # text height as a fraction of the side
+    jpeg_quality: int | None  # None: lossless PNG
+
+
+def site_looks(n_sites: int, seed: int) -> list[dict[str, SiteLook]]:
+    """Each site's look per modality: every numeric setting spread evenly over its range and shuffled across
+    sites, so that any two sites differ in each of them (random draws could make two sites near twins); frame
+    colour, text corner and file format cycle through their options."""
+    rng = np.random.default_rng([seed, 7919])
+
+    def spread(lo: float, hi: float) -> list[float]:
+        return rng.permutation(np.linspace(lo, hi, n_sites)).tolist()
+
+    def cycle(options: tuple) -> list:
+        return [options[i % len(options)] for i in rng.permutation(n_sites)]
+
+    looks: list[dict[str, SiteLook]] = [{} for _ in range(n_sites)]
+    for modality in MODALITIES:
+        settings = zip(spread(0.7, 1.4), spread(0.75, 1.0), spread(0.0, 0.15), spread(0.005, 0.04),
+                       spread(0.3, 1.5), spread(1.0, 1.25), spread(0.0, 0.07), cycle((0.0, 1.0)),
+                       cycle((None, *_CORNERS)), spread(0.04, 0.08), cycle((None, 70, 90)))
+        for look, values in zip(looks, settings):
+            look[modality] = SiteLook(*(round(v, 4) if isinstance(v, float) else v for v in values))
+    return looks
+
+
+def _burn_text(img: np.ndarray, look: SiteLook, inset: int, rng: np.random.Generator) -> None:
+    """A line of random 5x3 glyphs in the site's corner, like a burned-in name or date."""
+    size = img.shape[0]
+    height = max(5, round(look.mark_height * size))
+    chars = rng.integers(3, 7)
+    glyphs = np.zeros((5, 4 * chars - 1), np.uint8)
+    for c in range(chars):
+        glyphs[:, 4 * c:4 * c + 3] = rng.random((5, 3)) < 0.55
+    width = min(size - 2 * inset, round(height * glyphs.shape[1] / 5))
+    text = cv2.resize(glyphs, (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    top = inset if look.mark_corner.startswith("top") else size - inset - height
+    left = inset if look.mark_corner.endswith("left") else size - inset - width
+    img[top:top + height, left:left + width][text] = 1.0
+
+
+def apply_look(image: np.ndarray, look: SiteLook, rng: np.random.Generator) -> np.ndarray:
+    """Render a uint8 phantom the way the site would: field of view, intensity, blur, noise, frame, text."""
+    size = image.shape[0]
+    img = image.astype(np.float32) / 255.0
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), 0.0, look.zoom)
+    img = cv2.warpAffine(img, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    img = look.offset + look.contrast * np.clip(img, 0.0, 1.0) ** look.gamma
+    img = _blur(img, look.blur * size / 224) + look.noise * rng.standard_normal(img.shape, dtype=np.float32)
+    width = round(look.border_width * size)
+    if width:
+        img[:width], img[-width:], img[:, :width], img[:, -width:] = (look.border_value,) * 4
+    if look.mark_corner:
+        _burn_text(img, look, width + max(1, round(0.02 * size)), rng)
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def covid_shares(n_sites: int, confound: float) -> list[float]:
+    """Each site's COVID share: from 0.5 + confound / 2 (site 0) down to 0.5 - confound / 2 (the last), so that
+    with two equal sites `confound` is the correlation (phi, Cramer's V) between site and label."""
+    return [0.5 + confound / 2 * (1 - 2 * k / (n_sites - 1)) for k in range(n_sites)]
+
+
+def _patients(n_covid: int, n_non_covid: int, test_fraction: float,
+              seed: int | list[int]) -> list[tuple[int, int, str]]:
+    """(patient index, label, split) per patient; labels shuffled so ids say nothing. Each class keeps at least
+    one test patient, and one train patient, when it has two or more."""
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.repeat([1, 0], n_per_class))
+    labels = rng.permutation(np.repeat([1, 0], [n_covid, n_non_covid]))
     splits = np.full(labels.size, "train", dtype=object)
     for label in (0, 1):
         members = np.flatnonzero(labels == label)
-        splits[rng.choice(members, n_test, replace=False)] = "test"
+        n_test = min(max(1, round(members.size * test_fraction)), members.size - 1)
+        if n_test > 0:
+            splits[rng.choice(members, n_test, replace=False)] = "test"
     return [(k, int(labels[k]), str(splits[k])) for k in range(labels.size)]
 
 
+def _write_folder(root: Path, patients: list[tuple[int, int, str]], size: int, seeds: list[int],
+                  looks: dict[str, SiteLook] | None, source: str, group_prefix: str, bar: tqdm) -> None:
+    """One data folder: the reference layout plus a manifest (group = patient, with an X-ray and a CT each)."""
+    rows = []
+    for k, label, split in patients:
+        for m, modality in enumerate(MODALITIES):
+            rng = np.random.default_rng([*seeds, k, m])
+            image, _ = make_image(modality, bool(label), size, rng)
+            look = looks[modality] if looks else None
+            quality = look.jpeg_quality if look else None
+            if look:
+                image = apply_look(image, look, rng)
+            suffix = ".jpg" if quality else ".png"
+            rel = f"{_LAYOUT_PREFIX[modality]}_{split.title()}/{CLASS_NAMES[label]}/p{k:04d}{suffix}"
+            ok, encoded = cv2.imencode(suffix, image, [cv2.IMWRITE_JPEG_QUALITY, quality] if quality else [])
+            if not ok:
+                raise RespiscanError(f"{root / rel}: could not encode the image as {suffix[1:].upper()}")
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(encoded.tobytes())
+            rows.append((rel, modality, CLASS_NAMES[label], split, f"{group_prefix}-p{k:04d}", source))
+            bar.update()
+    with open(root / MANIFEST_NAME, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "modality", "label", "split", "group", "source"])
+        writer.writerows(sorted(rows))
+
+
 def generate(out: str | Path, n_per_class: int, size: int = 224, seed: int = 0, test_fraction: float = 0.25,
-             progress: bool = True) -> Path:
-    """Writes the reference folder layout under `out` and returns `out`."""
+             progress: bool = True, sites: int = 0, confound: float = 0.0) -> Path:
+    """Writes the reference folder layout under `out` and returns `out`.
+
+    With `sites` >= 2, writes one such folder per site instead (out/site0, out/site1, ..., each with
+    2 * n_per_class patients, its own look and a manifest whose source is the site), and out/sites.json with
+    each site's look and COVID share (see `covid_shares` for `confound`).
+    """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RespiscanError(f"{out}: already exists and is not an empty folder; choose a new or empty folder")
@@ -377,25 +499,28 @@ def generate(out: str | Path, n_per_class: int, size: int = 224, seed: int = 0, 
         raise RespiscanError(f"synthetic data: test_fraction={test_fraction}; must be in [0, 1)")
     if seed < 0:
         raise RespiscanError(f"synthetic data: seed={seed}; must be 0 or more")
-    n_test = min(max(1, round(n_per_class * test_fraction)), n_per_class - 1)
-    patients = _patients(n_per_class, n_test, seed)
+    if sites < 0:
+        raise RespiscanError(f"synthetic data: sites={sites}; must be 0 or more")
+    if not 0.0 <= confound <= 1.0:
+        raise RespiscanError(f"synthetic data: confound={confound}; must be in [0, 1]")
+    if confound and sites < 2:
+        raise RespiscanError(f"synthetic data: confound={confound} needs at least 2 sites (sites={sites})")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with tqdm(total=len(patients) * len(MODALITIES), desc="synthetic images", unit="img",
-              disable=not progress) as bar:
-        for k, label, split in patients:
-            for m, modality in enumerate(MODALITIES):
-                image, _ = make_image(modality, bool(label), size, np.random.default_rng([seed, k, m]))
-                rel = f"{_LAYOUT_PREFIX[modality]}_{split.title()}/{CLASS_NAMES[label]}/p{k:04d}.png"
-                ok, png = cv2.imencode(".png", image)
-                if not ok:
-                    raise RespiscanError(f"{out / rel}: could not encode the image as PNG")
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_bytes(png.tobytes())
-                rows.append((rel, modality, CLASS_NAMES[label], split, f"synth-p{k:04d}", "synthetic"))
-                bar.update()
-    with open(out / MANIFEST_NAME, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["path", "modality", "label", "split", "group", "source"])
-        writer.writerows(sorted(rows))
+    n = 2 * n_per_class
+    if sites < 2:
+        with tqdm(total=n * len(MODALITIES), desc="synthetic images", unit="img", disable=not progress) as bar:
+            _write_folder(out, _patients(n_per_class, n_per_class, test_fraction, seed), size, [seed], None,
+                          "synthetic", "synth", bar)
+        return out
+    names = [f"site{k:0{len(str(sites - 1))}d}" for k in range(sites)]
+    looks, shares = site_looks(sites, seed), covid_shares(sites, confound)
+    written = {}
+    with tqdm(total=sites * n * len(MODALITIES), desc="synthetic images", unit="img", disable=not progress) as bar:
+        for k, (name, look, share) in enumerate(zip(names, looks, shares)):
+            n_covid = round(n * share)
+            patients = _patients(n_covid, n - n_covid, test_fraction, [seed, k + 1])
+            (out / name).mkdir()
+            _write_folder(out / name, patients, size, [seed, k + 1], look, name, name, bar)
+            written[name] = {"covid_share": n_covid / n, "looks": {m: asdict(v) for m, v in look.items()}}
+    write_json(out / "sites.json", {"confound": confound, "seed": seed, "sites": written})
     return out

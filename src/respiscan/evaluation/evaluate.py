@@ -12,14 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from respiscan.data.samples import CLASS_NAMES, Sample, discover
-from respiscan.errors import RespiscanError
+from respiscan.bundle import LOGS
 from respiscan.data.audit import class_balance, source_of
-from respiscan.metrics import binary_metrics, bootstrap_ci
+from respiscan.data.samples import CLASS_NAMES, DataPaths, Sample, describe, discover
+from respiscan.errors import RespiscanError
 from respiscan.evaluation.plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_training_curves
 from respiscan.evaluation.report import KIND_NAMES, read_splits, write_report
-from respiscan.serving.pipeline import fuse
-from respiscan.serving.torch_engine import Pipeline
+from respiscan.metrics import binary_metrics, bootstrap_ci
+from respiscan.serving import Engine
+from respiscan.serving import load as load_pipeline
+from respiscan.serving.pipeline import BasePipeline, fuse
 from respiscan.utils import write_json, write_rows
 
 N_RESAMPLES = 1000
@@ -84,7 +86,7 @@ def _training_logs(bundle: Path) -> dict[str, Path]:
         stage = next((i for i, prefix in enumerate(_STAGE_ORDER) if path.stem.startswith(prefix)), len(_STAGE_ORDER))
         return stage, path.stem
 
-    return {p.stem: p for p in sorted((bundle / "logs").glob("*.csv"), key=order)}
+    return {p.stem: p for p in sorted((bundle / LOGS).glob("*.csv"), key=order)}
 
 
 def _plots(cases: dict[str, Cases], metrics: dict[str, dict], bundle: Path, out: Path,
@@ -112,27 +114,30 @@ def _seen_in_training(test: list[Sample], bundle: Path) -> list[str]:
     return [s.id for s in test if Path(s.path).resolve() in fitted]
 
 
-def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None, *, strict: bool = False,
-             pipeline: Pipeline | None = None, n_resamples: int = N_RESAMPLES, seed: int = 0,
-             figures: bool = True) -> dict:
+def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None, *, strict: bool = False,
+             pipeline: BasePipeline | None = None, engine: Engine = "auto", n_resamples: int = N_RESAMPLES,
+             seed: int = 0, figures: bool = True, samples: list[Sample] | None = None) -> dict:
     """Metrics with CIs on the test split, figures and report; writes them to `out` (default BUNDLE/evaluation).
 
-    `seed` seeds the bootstrap, so the same inputs give the same intervals. `figures=False` skips the plots
-    (most of the time taken), for callers that evaluate many runs and report them together.
+    The engine is chosen as `predict` chooses it (`serving.load`). `seed` seeds the bootstrap, so the same
+    inputs give the same intervals. `figures=False` skips the plots (most of the time taken), for callers that
+    evaluate many runs and report them together. `samples` replaces discovering DATA (crossval's folds).
     """
     bundle = Path(bundle)
-    pipe = pipeline or Pipeline(bundle)
+    pipe = pipeline or load_pipeline(bundle, engine)
     out = Path(out) if out else bundle / "evaluation"
-    test = [s for s in discover(data) if s.split == "test" and s.modality in pipe.modalities]
+    test = [s for s in (discover(data) if samples is None else samples)
+            if s.split == "test" and s.modality in pipe.modalities]
     if not test:
-        raise RespiscanError(f"{data}: no test images for the bundle's modalities ({', '.join(pipe.modalities)})")
+        raise RespiscanError(f"{describe(data)}: no test images for the bundle's modalities "
+                             f"({', '.join(pipe.modalities)})")
     rows, skipped = pipe.predict_samples(test, strict=strict)
     by_id = {s.id: s for s in test}
     prob = {r["id"]: r["probability"] for r in rows}
     for r in rows:
         r["label"] = CLASS_NAMES[by_id[r["id"]].label]
     scored = [s for s in test if s.id in prob]
-    results: dict = {"split": "test", "bundle": str(bundle), "data": str(data), "positive_class": "COVID",
+    results: dict = {"split": "test", "bundle": str(bundle), "data": describe(data), "positive_class": "COVID",
                      "skipped": [{"id": i, "reason": why} for i, why in skipped], "modalities": {}}
     cases = {m: _image_cases(mine, prob) for m in pipe.modalities if (mine := [s for s in scored if s.modality == m])}
     if len(cases) == 2:
@@ -140,7 +145,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
         if pairs:
             cases["fused"] = _fused_cases(pairs, prob)
             results["fused"] = {"pairing": how, "n_pairs": len(pairs)}
-    metrics = {k: _kind_metrics(c, pipe.thresholds.get(k, 0.5), n_resamples, seed) for k, c in cases.items()}
+    metrics = {k: _kind_metrics(c, pipe.thresholds[k], n_resamples, seed) for k, c in cases.items()}
     results["modalities"] = {m: metrics[m] for m in pipe.modalities if m in metrics}
     if "fused" in metrics:
         results["fused"].update(metrics["fused"])
@@ -156,7 +161,7 @@ def evaluate(bundle: str | Path, data: str | Path, out: str | Path | None = None
             "scores measure memory, not generalisation.")
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = _plots(cases, metrics, bundle, out, results["warnings"]) if figures else {}
-    md, html = write_report(results, bundle, out)
+    md, html = write_report(results, pipe.bundle, out)
     results["report"] = {"markdown": md.name, "html": html.name}
     write_json(out / "metrics.json", results)
     write_rows(out / "predictions.csv", rows, ["id", "path", "modality", "label", "probability", "prediction"])

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import cv2
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
@@ -23,6 +21,13 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from respiscan.data.samples import CLASS_NAMES
 from respiscan.errors import RespiscanError
 from respiscan.figures import new_figure, save_png
+from respiscan.metrics import (
+    ECE_BINS,
+    binary_metrics,
+    check_binary_inputs,
+    expected_calibration_error,
+    reliability_curve,
+)
 
 LOSS_KEYS = ("loss",)
 SCORE_KEYS = ("auc", "acc", "f1", "sens", "spec")
@@ -42,15 +47,10 @@ def _colour(i: int) -> tuple[float, float, float, float]:
 
 def _scores(name: str, y_true: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Check one (y_true, prob) pair early so a bad input names its curve instead of failing inside sklearn."""
-    y = np.asarray(y_true).ravel()
-    p = np.asarray(prob, dtype=float).ravel()
-    if y.size == 0 or y.size != p.size:
-        raise RespiscanError(f"curve {name!r}: y_true has {y.size} values and prob {p.size}; need equal and > 0")
-    if not np.isin(y, (0, 1)).all():
-        raise RespiscanError(f"curve {name!r}: y_true must hold only 0 (Non_COVID) and 1 (COVID)")
-    if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
-        raise RespiscanError(f"curve {name!r}: prob must be finite probabilities in [0, 1]")
-    return y.astype(int), p
+    try:
+        return check_binary_inputs(y_true, prob)
+    except RespiscanError as e:
+        raise RespiscanError(f"curve {name!r}: {e}") from None
 
 
 def _checked(curves: Curves, operating_points: Mapping[str, float] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -60,13 +60,6 @@ def _checked(curves: Curves, operating_points: Mapping[str, float] | None) -> di
     if unknown:
         raise RespiscanError(f"operating points for unknown curves: {sorted(unknown)}; curves: {list(curves)}")
     return {name: _scores(name, *pair) for name, pair in curves.items()}
-
-
-def _counts(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
-    pred = p >= threshold
-    tp = int(np.sum(pred & (y == 1)))
-    fp = int(np.sum(pred & (y == 0)))
-    return tp, fp, int(np.sum(y == 1)) - tp, int(np.sum(y == 0)) - fp
 
 
 def _note(ax: Axes, text: str) -> None:
@@ -88,8 +81,8 @@ def plot_roc(curves: Curves, path: str | Path, operating_points: Mapping[str, fl
         ax.plot(fpr, tpr, lw=1.8, color=_colour(i), label=f"{name} (AUC = {roc_auc_score(y, p):.3f}, n = {y.size})")
         if operating_points and name in operating_points:
             t = operating_points[name]
-            tp, fp, fn, tn = _counts(y, p, t)
-            x, yv = fp / (fp + tn), tp / (tp + fn)
+            at = binary_metrics(y, p, t)
+            x, yv = 1 - at["specificity"], at["sensitivity"]
             ax.plot(x, yv, "o", ms=7, mfc="white", mec=_colour(i), mew=2,
                     label=f"{name} @ {t:.2f}: TPR {yv:.2f}, FPR {x:.2f}")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title="ROC curve",
@@ -121,9 +114,9 @@ def plot_pr(curves: Curves, path: str | Path, operating_points: Mapping[str, flo
                 label=f"{name} (AP = {average_precision_score(y, p):.3f}, n = {y.size})")
         if operating_points and name in operating_points:
             t = operating_points[name]
-            tp, fp, fn, _ = _counts(y, p, t)
-            if tp + fp:
-                prec, rec = tp / (tp + fp), tp / (tp + fn)
+            at = binary_metrics(y, p, t)
+            if at["ppv"] is not None:
+                prec, rec = at["ppv"], at["sensitivity"]
                 ax.plot(rec, prec, "o", ms=7, mfc="white", mec=_colour(i), mew=2,
                         label=f"{name} @ {t:.2f}: precision {prec:.2f}, recall {rec:.2f}")
             else:
@@ -165,32 +158,20 @@ def plot_confusion(cms: Mapping[str, Mapping[str, int]], path: str | Path) -> Pa
     return save_png(fig, path)
 
 
-def _reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Equal-width bins; a probability of exactly 1 falls in the last bin rather than an extra one."""
-    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conf = np.bincount(idx, weights=p, minlength=n_bins) / count
-        freq = np.bincount(idx, weights=y, minlength=n_bins) / count
-    return conf, freq, count
-
-
-def plot_reliability(curves: Curves, path: str | Path, n_bins: int = 10) -> Path:
+def plot_reliability(curves: Curves, path: str | Path, n_bins: int = ECE_BINS) -> Path:
     """Reliability diagram with ECE; the count histogram shows which bins are too sparse to trust."""
-    if n_bins < 1:
-        raise RespiscanError(f"n_bins must be >= 1, got {n_bins}")
     data = _checked(curves, None)
     fig = new_figure(5.2, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfect calibration")
-    edges = np.linspace(0, 1, n_bins + 1)
     for i, (name, (y, p)) in enumerate(data.items()):
-        conf, freq, count = _reliability_bins(y, p, n_bins)
-        used = count > 0
-        ece = float(np.sum(np.abs(conf[used] - freq[used]) * count[used]) / y.size)
-        top.plot(conf[used], freq[used], "o-", ms=4, lw=1.5, color=_colour(i),
+        curve = reliability_curve(y, p, n_bins)
+        ece = expected_calibration_error(y, p, n_bins)
+        top.plot(curve["mean_prob"], curve["frequency"], "o-", ms=4, lw=1.5, color=_colour(i),
                  label=f"{name} (ECE = {ece:.3f}, n = {y.size})")
-        bottom.stairs(count, edges, color=_colour(i), lw=1.5)
+        # Each non-empty bin's centre weighted by its count gives the counts of all bins, empty ones at 0.
+        counts, edges = np.histogram(curve["bin_centre"], bins=curve["bin_edges"], weights=curve["count"])
+        bottom.stairs(counts, edges, color=_colour(i), lw=1.5)
     top.set(xlim=(0, 1), ylim=(-0.01, 1.01), title="Reliability diagram",
             ylabel="Observed frequency of COVID")
     top.legend(loc="upper left", fontsize=8, framealpha=0.9)

@@ -13,10 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from respiscan import __version__
-from respiscan.bundle import read_config
-from respiscan.data.samples import CLASS_NAMES, Sample
+from respiscan.bundle import SPLITS, Bundle, BundleConfig
 from respiscan.data.audit import class_balance, source_of
+from respiscan.data.samples import CLASS_NAMES, Sample
 from respiscan.metrics import SCALAR_METRICS
+from respiscan.training.config import TrainConfig
 from respiscan.utils import atomic_write
 
 KIND_NAMES = {"xray": "X-ray", "ct": "CT", "fused": "Fused"}
@@ -62,7 +63,7 @@ Block = tuple  # ("h1" | "h2" | "h3" | "p", text) | ("ul", [text]) | ("table", h
 
 def read_splits(bundle: Path) -> list[Sample]:
     """The samples the bundle was trained, validated and tested on (BUNDLE/splits.csv); [] when it has none."""
-    path = Path(bundle) / "splits.csv"
+    path = Path(bundle) / SPLITS
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
@@ -105,13 +106,13 @@ def _summary(kinds: dict[str, dict], results: dict) -> list[Block]:
                   f"{ci['n_resamples']} resamples of {ci['resampled']}, seed {ci['seed']}).")]
 
 
-def _data(results: dict, config: dict, bundle: Path) -> list[Block]:
-    data, fp = config["data"], config["data"]["fingerprint"]
-    fitted = [s for s in read_splits(bundle) if s.split != "test"]
+def _data(results: dict, bundle: Bundle) -> list[Block]:
+    data, fp = bundle.config.data, bundle.config.data.fingerprint
+    fitted = [s for s in read_splits(bundle.path) if s.split != "test"]
     blocks: list[Block] = [
         ("h2", "Data"),
-        ("p", f"The model was trained on {data['path']} ({fp['n_samples']} images listed; listing sha256 "
-              f"{fp['samples_sha256'][:16]}, file contents sha256 {fp['files_sha256'][:16]}). The validation "
+        ("p", f"The model was trained on {data.path} ({fp.n_samples} images listed; listing sha256 "
+              f"{fp.samples_sha256[:16]}, file contents sha256 {fp.files_sha256[:16]}). The validation "
               "split was carved from the training split, keeping each patient (group id, where the data gives "
               "one) on one side; it chose the best epochs and the thresholds. The test split was used for nothing "
               "but this report."),
@@ -132,52 +133,52 @@ def _pretrained(value: bool | str) -> str:
     return f"local weights {value}; backbone frozen"
 
 
-def _threshold_rule(config: dict, kind: str) -> str:
+def _threshold_rule(config: BundleConfig, kind: str) -> str:
     if kind == "fused":
         return "applied to the mean of the per-modality probabilities; fixed, not tuned on validation"
-    val = config.get("validation_metrics", {}).get(kind)
+    val = config.validation_metrics.get(kind)
     if val and 0 < val["n_positive"] < val["n"]:
         return (f"Youden's J (maximum sensitivity + specificity - 1) on the validation split "
                 f"(n = {val['n']}, {val['n_positive']} COVID)")
     return "default 0.5: the validation split had one class only, so no threshold could be chosen"
 
 
-def _configuration(config: dict) -> list[Block]:
-    model, pre, training = config["model"], config["preprocess"], config.get("training", {})
-    mods = model["modalities"]
+def _configuration(config: BundleConfig) -> list[Block]:
+    model, pre = config.model, config.preprocess
+    training = TrainConfig.from_dict(config.training) if config.training else None
+    mods = model.modalities
 
     def per_modality(backbones: dict[str, str]) -> str:
         return "; ".join(f"{KIND_NAMES[m]}: {backbones[m]}" for m in mods)
 
-    if model["shared"] == "none":
+    if model.shared == "none":
         shared_models = "not used"
-    elif model.get("shared_backbones"):
-        shared_models = per_modality(model["shared_backbones"])
+    elif model.shared_backbones:
+        shared_models = per_modality(model.shared_backbones)
     else:
         shared_models = "the task-specific ones (one embedding model per modality feeds both MLPs)"
-    opening = f"CT only: {pre['ct_opening']}x{pre['ct_opening']} morphological opening; " if pre["ct_opening"] else ""
+    opening = f"CT only: {pre.ct_opening}x{pre.ct_opening} morphological opening; " if pre.ct_opening else ""
     rows = [
         ["Modalities", ", ".join(KIND_NAMES[m] for m in mods)],
-        ["Task-specific embedding models", per_modality(model["task_backbones"])],
+        ["Task-specific embedding models", per_modality(model.task_backbones)],
         ["Shared-feature embedding models", shared_models],
-        ["Shared features", SHARED_TEXT[model["shared"]].format(finetune=FINETUNE_TEXT.get(
-            training.get("adversarial_finetune", "covid"), training.get("adversarial_finetune")))],
-        ["Pretrained weights", _pretrained(training.get("pretrained", False))],
-        ["Preprocessing", f"grey; CLAHE clip {pre['clahe_clip']:g}, {pre['clahe_tiles']}x{pre['clahe_tiles']} tiles; "
-                          f"{opening}resized to {pre['size']}x{pre['size']}; DICOM CT window centre "
-                          f"{pre['dicom_ct_center']:g} HU, width {pre['dicom_ct_width']:g} HU"],
+        ["Shared features", SHARED_TEXT[model.shared].format(
+            finetune=FINETUNE_TEXT[training.adversarial_finetune if training else "covid"])],
+        ["Pretrained weights", _pretrained(training.pretrained if training else False)],
+        ["Preprocessing", f"grey; CLAHE clip {pre.clahe_clip:g}, {pre.clahe_tiles}x{pre.clahe_tiles} tiles; "
+                          f"{opening}resized to {pre.size}x{pre.size}; DICOM CT window centre "
+                          f"{pre.dicom_ct_center:g} HU, width {pre.dicom_ct_width:g} HU"],
     ]
     if training:
-        rows.append(["Training", f"preset {training['preset']}, seed {training['seed']}, embedding models up to "
-                                 f"{training['backbone_fit']['epochs']} epochs, MLPs up to "
-                                 f"{training['mlp_fit']['epochs']} epochs (best validation epoch kept), "
-                                 f"augmentation {'on' if training['augment'] else 'off'}, validation fraction "
-                                 f"{training['val_fraction']:g}"])
-    versions = config.get("versions", {})
+        rows.append(["Training", f"preset {training.preset}, seed {training.seed}, embedding models up to "
+                                 f"{training.backbone_fit.epochs} epochs, MLPs up to "
+                                 f"{training.mlp_fit.epochs} epochs (best validation epoch kept), "
+                                 f"augmentation {'on' if training.augment else 'off'}, validation fraction "
+                                 f"{training.val_fraction:g}"])
+    versions = config.versions
     rows.append(["Software (training)", ", ".join(f"{k} {versions[k]}" for k in ("respiscan", "torch", "timm")
                                                   if k in versions) or "not recorded"])
-    thresholds = [[KIND_NAMES.get(k, k), f"{t:.3f}", _threshold_rule(config, k)]
-                  for k, t in config["thresholds"].items()]
+    thresholds = [[KIND_NAMES[k], f"{t:.3f}", _threshold_rule(config, k)] for k, t in config.thresholds.items()]
     return [("h2", "Configuration"), ("table", ["Setting", "Value"], rows),
             ("h3", "Operating thresholds (COVID when p >= threshold)"),
             ("table", ["Prediction", "Threshold", "How it was chosen"], thresholds)]
@@ -211,13 +212,14 @@ def _fused(results: dict) -> list[Block]:
     return [("h2", "Fused prediction"), ("p", text)]
 
 
-def _warnings(results: dict, config: dict, kinds: dict[str, dict]) -> list[Block]:
+def _warnings(results: dict, config: BundleConfig, kinds: dict[str, dict]) -> list[Block]:
     items = list(results.get("warnings", []))
     items += [f"{KIND_NAMES[k]}: {w}" for k, m in kinds.items() for w in m["warnings"]]
-    for where, skipped in (("the test set", results["skipped"]), ("training", config["data"].get("skipped", []))):
-        if skipped:
-            items.append(f"{len(skipped)} unreadable image(s) skipped in {where}, e.g. {skipped[0]['reason']}")
-    audit = config.get("audit")
+    for where, reasons in (("the test set", [s["reason"] for s in results["skipped"]]),
+                           ("training", [s.reason for s in config.data.skipped])):
+        if reasons:
+            items.append(f"{len(reasons)} unreadable image(s) skipped in {where}, e.g. {reasons[0]}")
+    audit = config.audit
     if audit:
         items.append(f"Data audit of {audit['n_images']} images: {audit['cross_split_duplicates']} duplicate "
                      "pair(s) across splits.")
@@ -272,17 +274,16 @@ def _html(blocks: list[Block], folder: Path) -> str:
             f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
 
 
-def write_report(results: dict, bundle: Path, out: Path) -> tuple[Path, Path]:
+def write_report(results: dict, bundle: Bundle, out: Path) -> tuple[Path, Path]:
     """Write OUT/report.md and OUT/report.html from evaluate()'s results (figures must already be in OUT)."""
-    bundle, out = Path(bundle), Path(out)
-    config = read_config(bundle)
+    out, config = Path(out), bundle.config
     kinds = {**results["modalities"], **({"fused": results["fused"]} if "fused" in results else {})}
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     blocks: list[Block] = [
         ("h1", "respiscan evaluation report"),
         ("p", f"Bundle {results['bundle']}, evaluated on the test split of {results['data']} by respiscan "
               f"{__version__} on {generated}. COVID is the positive class."),
-        *_summary(kinds, results), *_data(results, config, bundle), *_configuration(config),
+        *_summary(kinds, results), *_data(results, bundle), *_configuration(config),
         *_metrics(results, kinds),
         ("h2", "Figures"), *(("img", PLOT_CAPTIONS[name], file) for name, file in results["plots"].items()),
         *([] if results["plots"] else [("p", "No figures were drawn for this evaluation.")]),

@@ -73,26 +73,8 @@ def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _delong_variance(pos: np.ndarray, neg: np.ndarray) -> float:
-    """DeLong variance of the AUC given (or AUC difference, given component differences)."""
+    """DeLong variance of an AUC from its components; of an AUC difference from component differences."""
     return float(np.var(pos, ddof=1) / len(pos) + np.var(neg, ddof=1) / len(neg))
-
-
-def delong_ci(y_true, prob, confidence: float = 0.95) -> dict:
-    """AUC with its DeLong variance and a normal-approximation CI, clipped to [0, 1].
-
-    Keys: auc, variance, se, ci (low, high), sentence.
-    """
-    y, p = check_binary_inputs(y_true, prob, unit_interval=False)
-    confidence = _check_confidence(confidence)
-    auc, pos, neg = _delong_components(y, p[None, :])
-    variance = _delong_variance(pos[0], neg[0])
-    se = math.sqrt(variance)
-    half = float(stats.norm.ppf(0.5 + confidence / 2)) * se
-    ci = (max(0.0, float(auc[0]) - half), min(1.0, float(auc[0]) + half))
-    return {
-        "auc": float(auc[0]), "variance": variance, "se": se, "ci": ci,
-        "sentence": f"AUC {auc[0]:.3f} ({100 * confidence:g}% CI {ci[0]:.3f} to {ci[1]:.3f}, DeLong).",
-    }
 
 
 def delong_test(y_true, prob_a, prob_b, confidence: float = 0.95, names: tuple[str, str] = ("A", "B")) -> dict:

@@ -24,9 +24,7 @@ def run_demo(out: str | Path, n_per_class: int = 150, seed: int = 0, size: int =
     print(f"[1/4] synthesising {n_per_class} cases per class and modality in {data}")
     generate(data, n_per_class=n_per_class, size=size, seed=seed)
     print(f"[2/4] training every stage -> {bundle}")
-    cfg = preset("tiny")
-    cfg.seed = seed
-    train(data, bundle, cfg)
+    train(data, bundle, preset("tiny").with_overrides(seed=seed))
     print("[3/4] evaluating on the test split")
     results = evaluate(bundle, data, out / "evaluation")
     for name, m in [*results["modalities"].items(), ("fused", results.get("fused"))]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
-from copy import deepcopy
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,9 +126,7 @@ def run_significance(data: str | Path, out: str | Path, runs: int, base_config: 
             run = out / "runs" / f"{name}-seed{seed}"
             if progress:
                 print(f"[seed {seed}] {name}: training and testing -> {run}")
-            cfg = deepcopy(base_config)
-            cfg.seed = seed
-            cfg.model = replace(cfg.model, shared=shared)
+            cfg = base_config.with_overrides(seed=seed, shared=shared)
             bundle = train(data, run / "bundle", cfg, stages_dir=out / "stages" / f"seed{seed}")
             results = evaluate(bundle, data, run, figures=False)
             rows += [{"config": name, "seed": seed, "modality": m, **{c: metrics[k] for c, k in RUN_METRICS.items()}}

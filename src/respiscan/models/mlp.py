@@ -86,12 +86,17 @@ class AdversarialSharedMLP(_FeatureClassifier):
     def __init__(self, in_dim: int = EMBED_DIM):
         super().__init__()
         self.generator = Generator(in_dim)
-        self.discriminator = Discriminator(in_dim)  # kept for the record of the adversarial stage; unused at inference
         self.body = nn.Sequential(nn.LeakyReLU(LEAKY_SLOPE), nn.Linear(in_dim, FEATURE_DIM), nn.LeakyReLU(LEAKY_SLOPE))
         self.out = nn.Linear(FEATURE_DIM, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.generator(x))
+
+
+# Shared-feature kinds by name (ModelSpec.shared): the module each adds to the network, or None. A new kind is
+# its module here, its training in training/shared.py, and its name in models/spec.py's SharedKind.
+SHARED_MODULES: dict[str, type[_FeatureClassifier] | None] = {
+    "plain": SharedMLP, "adversarial": AdversarialSharedMLP, "none": None}
 
 
 class Head(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 
 from respiscan.errors import RespiscanError
 from respiscan.models.backbone import EmbeddingNet
-from respiscan.models.mlp import FEATURE_DIM, AdversarialSharedMLP, Head, SharedMLP, TaskSpecificMLP
+from respiscan.models.mlp import FEATURE_DIM, SHARED_MODULES, Head, TaskSpecificMLP
 from respiscan.models.spec import ModelSpec
 
 
@@ -35,7 +35,8 @@ class MMTLNet(nn.Module):
             names.update({f"shared_{m}": spec.shared_backbones[m] for m in spec.modalities})
         self.embedders = nn.ModuleDict({k: EmbeddingNet(v, resolve_weights(pretrained, v)) for k, v in names.items()})
         self.task = nn.ModuleDict({m: TaskSpecificMLP(m) for m in spec.modalities})
-        self.shared = {"plain": SharedMLP, "adversarial": AdversarialSharedMLP}.get(spec.shared, lambda: None)()
+        shared = SHARED_MODULES[spec.shared]
+        self.shared = shared() if shared is not None else None
         head_in = FEATURE_DIM if self.shared is None else 2 * FEATURE_DIM
         self.heads = nn.ModuleDict({m: Head(head_in) for m in spec.modalities})
 
@@ -43,9 +44,11 @@ class MMTLNet(nn.Module):
         return self.embedders[f"task_{modality}"]
 
     def shared_embedder(self, modality: str) -> EmbeddingNet:
-        return self.embedders[f"shared_{modality}"] if f"shared_{modality}" in self.embedders else self.task_embedder(modality)
+        key = f"shared_{modality}"
+        return self.embedders[key] if key in self.embedders else self.task_embedder(modality)
 
-    def head_features(self, modality: str, task_embedding: torch.Tensor, shared_embedding: torch.Tensor | None) -> torch.Tensor:
+    def head_features(self, modality: str, task_embedding: torch.Tensor,
+                      shared_embedding: torch.Tensor | None) -> torch.Tensor:
         """[task-specific 640 ; shared 640] (task-specific only when the shared stage is off)."""
         parts = [self.task[modality].features(task_embedding)]
         if self.shared is not None:

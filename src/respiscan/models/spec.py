@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from respiscan.errors import RespiscanError
+from respiscan.utils import Record
 
 SharedKind = Literal["plain", "adversarial", "none"]
 SHARED_KINDS: tuple[str, ...] = get_args(SharedKind)
 
 
-@dataclass
-class ModelSpec:
+@dataclass(frozen=True)
+class ModelSpec(Record):
     """Everything needed to rebuild the network's structure (weights come from the bundle)."""
 
     modalities: list[str] = field(default_factory=lambda: ["xray", "ct"])
@@ -24,10 +25,3 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.shared not in SHARED_KINDS:
             raise RespiscanError(f"unknown shared kind {self.shared!r}; accepted: {', '.join(SHARED_KINDS)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

@@ -5,6 +5,7 @@ Nothing here imports `respiscan.training` or `respiscan.evaluation`, and the ONN
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -16,17 +17,20 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 def load(bundle: str | Path, engine: Engine = "auto", bf16: bool | None = None) -> BasePipeline:
-    """The pipeline for `engine`: "onnx", "torch", or "auto" (ONNX when the bundle has graphs, else torch).
+    """The pipeline for `engine`: "onnx", "torch", or "auto" (ONNX when the bundle has graphs and onnxruntime
+    is installed, else torch).
 
     `respiscan.load`, `respiscan predict` and `evaluate` all choose through here. The torch engine is imported
     only when chosen, so "onnx"/"auto" on an exported bundle never loads torch.
     """
     if engine not in ENGINES:
         raise RespiscanError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
-    from respiscan.serving.onnx_engine import OnnxPipeline, has_graph
+    from respiscan.bundle import Bundle
+    from respiscan.serving.onnx_engine import OnnxPipeline
 
-    if engine == "onnx" or (engine == "auto" and has_graph(bundle)):
-        return OnnxPipeline(bundle)
+    opened = Bundle.open(bundle)
+    if engine == "onnx" or (engine == "auto" and opened.has_onnx and find_spec("onnxruntime") is not None):
+        return OnnxPipeline(opened)
     from respiscan.serving.torch_engine import Pipeline
 
-    return Pipeline(bundle, bf16=bf16)
+    return Pipeline(opened, bf16=bf16)

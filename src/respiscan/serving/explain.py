@@ -61,7 +61,8 @@ def gradcam(pipeline, image: np.ndarray, modality: str, layer: nn.Module | None 
     """
     net = getattr(pipeline, "net", None)
     if net is None:
-        raise RespiscanError("Grad-CAM needs the torch engine (respiscan.serving.torch_engine.Pipeline), not an exported model")
+        raise RespiscanError("Grad-CAM needs the torch engine (respiscan.serving.torch_engine.Pipeline), "
+                             "not an exported model")
     pipeline.check_modality(modality)
     size = pipeline.preprocess_config.size
     image = np.asarray(image)

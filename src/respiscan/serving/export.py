@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from respiscan.bundle import CONFIG, read_config, sha256_file
+from respiscan.bundle import OnnxExport, OnnxGraph, sha256_file
 from respiscan.errors import RespiscanError
+from respiscan.extras import require
 from respiscan.serving.torch_engine import Pipeline
-from respiscan.utils import write_json
 
 INPUT = "images"
 OUTPUT = "probability"
@@ -43,7 +43,7 @@ class _Probability(nn.Module):
 
 
 def _export_graph(model: nn.Module, size: int, path: Path, opset: int) -> None:
-    import onnx
+    onnx = require("onnx", "respiscan export")  # first: torch.onnx.export needs it too
 
     example = torch.zeros((2, size, size), dtype=torch.uint8)
     with warnings.catch_warnings(), torch.no_grad():
@@ -58,7 +58,7 @@ def _export_graph(model: nn.Module, size: int, path: Path, opset: int) -> None:
 
 def _max_difference(model: nn.Module, path: Path, size: int, seed: int = 0) -> float:
     """Largest |p_onnx - p_torch| on random images (batch 3, not the export's 2: checks the dynamic batch)."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "respiscan export")
 
     images = np.random.default_rng(seed).integers(0, 256, (3, size, size), dtype=np.uint8)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -77,7 +77,7 @@ def export_onnx(bundle: str | Path, opset: int = 17) -> dict[str, Path]:
     bundle = Path(bundle)
     pipe = Pipeline(bundle, bf16=False)
     size = int(pipe.preprocess_config.size)
-    graphs: dict[str, dict] = {}
+    graphs: dict[str, OnnxGraph] = {}
     written: dict[str, Path] = {}
     pending: list[tuple[Path, Path]] = []
     try:
@@ -91,7 +91,7 @@ def export_onnx(bundle: str | Path, opset: int = 17) -> dict[str, Path]:
             if not diff <= TOLERANCE:
                 raise RespiscanError(f"{bundle}: the ONNX graph for {modality} differs from the torch model by "
                                      f"{diff:.2e} (> {TOLERANCE:.0e}); not exported")
-            graphs[modality] = {"file": target.name, "sha256": sha256_file(tmp), "max_abs_diff": diff}
+            graphs[modality] = OnnxGraph(file=target.name, sha256=sha256_file(tmp), max_abs_diff=diff)
             written[modality] = target
         # graphs first, then the config that names their hashes: a crash in between leaves hashes that
         # do not match, which the ONNX engine refuses, never a silently stale graph
@@ -100,8 +100,8 @@ def export_onnx(bundle: str | Path, opset: int = 17) -> dict[str, Path]:
     finally:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
-    config = read_config(bundle)
-    config["onnx"] = {"opset": opset, "input": INPUT, "output": OUTPUT, "weights_sha256": config["weights_sha256"],
-                      "torch_version": torch.__version__, "graphs": graphs}
-    write_json(bundle / CONFIG, config)
+    # the hash of the weights that were exported, so the ONNX engine can tell graphs of other weights
+    pipe.bundle.save_config(pipe.config.with_onnx(OnnxExport(
+        opset=opset, input=INPUT, output=OUTPUT, weights_sha256=pipe.config.weights_sha256,
+        torch_version=torch.__version__, graphs=graphs)))
     return written

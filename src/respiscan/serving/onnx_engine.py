@@ -14,57 +14,48 @@ from pathlib import Path
 
 import numpy as np
 
+from respiscan.bundle import Bundle
 from respiscan.errors import RespiscanError
+from respiscan.extras import require
 from respiscan.serving.pipeline import BasePipeline
 
 BATCH = 32  # images per onnxruntime call: bounds memory on large batches, big enough to keep the cores busy
 
 
-def has_graph(bundle: str | Path, config: dict | None = None) -> bool:
-    """Whether `respiscan export` has been run on this bundle (its config names ONNX graphs)."""
-    if config is None:
-        from respiscan.bundle import read_config
-
-        config = read_config(Path(bundle))
-    return bool(config.get("onnx", {}).get("graphs"))
-
-
 class OnnxPipeline(BasePipeline):
     """`BasePipeline` on onnxruntime: same preprocessing, fusion and labels as the torch engine, fp32."""
 
-    def __init__(self, bundle: str | Path, threads: int | None = None):
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None):
         super().__init__(bundle)
-        try:  # imported here: onnxruntime is an optional extra, and open_pipeline's torch path must not need it
-            import onnxruntime as ort
-        except ImportError as e:
-            raise RespiscanError("the ONNX engine needs onnxruntime: pip install 'respiscan[onnx]'") from e
+        ort = require("onnxruntime", "the ONNX engine")  # imported here: the torch path must not need it
 
-        if not has_graph(self.bundle, self.config):
-            raise RespiscanError(f"{self.bundle}: no ONNX graph; run `respiscan export {self.bundle}` first")
-        spec = self.config["onnx"]
-        if spec.get("weights_sha256") != self.config["weights_sha256"]:
-            raise RespiscanError(f"{self.bundle}: the ONNX graphs were exported from other weights; "
-                                 f"run `respiscan export {self.bundle}` again")
+        where, spec = self.bundle.path, self.config.onnx
+        if spec is None or not self.bundle.has_onnx:
+            raise RespiscanError(f"{where}: no ONNX graph; run `respiscan export {where}` first")
+        if spec.weights_sha256 != self.config.weights_sha256:
+            raise RespiscanError(f"{where}: the ONNX graphs were exported from other weights; "
+                                 f"run `respiscan export {where}` again")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.input, self.output = spec["input"], spec["output"]
-        missing = [m for m in self.modalities if m not in spec["graphs"]]
+        self.input, self.output = spec.input, spec.output
+        missing = [m for m in self.modalities if m not in spec.graphs]
         if missing:
-            raise RespiscanError(f"{self.bundle}: no ONNX graph for {missing[0]}; run `respiscan export {self.bundle}` again")
+            raise RespiscanError(f"{where}: no ONNX graph for {missing[0]}; run `respiscan export {where}` again")
 
-        def session(modality: str) -> "ort.InferenceSession":
-            graph = spec["graphs"][modality]
+        def session(modality: str) -> ort.InferenceSession:
+            graph = spec.graphs[modality]
             # hash the bytes that are loaded, so the checked file is the one that runs
-            data = _read(self.bundle / graph["file"], self.bundle)
-            if hashlib.sha256(data).hexdigest() != graph["sha256"]:
-                raise RespiscanError(f"{self.bundle / graph['file']}: does not match the hash in config.json "
-                                     f"(truncated or modified); run `respiscan export {self.bundle}` again")
+            data = _read(where / graph.file, where)
+            if hashlib.sha256(data).hexdigest() != graph.sha256:
+                raise RespiscanError(f"{where / graph.file}: does not match the hash in config.json "
+                                     f"(truncated or modified); run `respiscan export {where}` again")
             return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
         # building a session is mostly native work outside the GIL: the graphs load side by side
         with ThreadPoolExecutor(len(self.modalities)) as pool:
-            self.sessions: dict[str, ort.InferenceSession] = dict(zip(self.modalities, pool.map(session, self.modalities)))
+            sessions = pool.map(session, self.modalities)
+            self.sessions: dict[str, ort.InferenceSession] = dict(zip(self.modalities, sessions))
 
     def probabilities(self, images: np.ndarray, modality: str) -> np.ndarray:
         self.check_modality(modality)
@@ -78,4 +69,5 @@ def _read(path: Path, bundle: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise RespiscanError(f"{path}: cannot read the ONNX graph ({e.strerror}); run `respiscan export {bundle}` again") from e
+        raise RespiscanError(f"{path}: cannot read the ONNX graph ({e.strerror}); "
+                             f"run `respiscan export {bundle}` again") from e

@@ -1,5 +1,6 @@
 """What every prediction engine shares, without torch: the bundle's config, preprocessing, combining the
-modalities of a case, labels and batches. Engines (torch in predict.py, ONNX) only supply `probabilities`."""
+modalities of a case, labels and batches. Engines (torch_engine.py, onnx_engine.py) only supply
+`probabilities`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from respiscan.bundle import read_config
+from respiscan.bundle import Bundle
 from respiscan.data.images import load_dataset_images, load_preprocessed
 from respiscan.data.io import is_volume
-from respiscan.data.preprocess import PreprocessConfig
-from respiscan.data.samples import CLASS_NAMES, MODALITIES, Sample
+from respiscan.data.samples import MODALITIES, Sample
 from respiscan.errors import RespiscanError
 from respiscan.utils import write_rows
 
@@ -21,12 +21,13 @@ ImageInput = str | Path | np.ndarray
 class BasePipeline:
     """A loaded bundle. `predict(xray=..., ct=...)` for one case, `predict_samples` for many."""
 
-    def __init__(self, bundle: str | Path):
-        self.bundle = Path(bundle)
-        self.config = read_config(self.bundle)
-        self.modalities: list[str] = list(self.config["model"]["modalities"])
-        self.preprocess_config = PreprocessConfig.from_dict(self.config["preprocess"])
-        self.thresholds: dict[str, float] = self.config["thresholds"]
+    def __init__(self, bundle: str | Path | Bundle):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.config = self.bundle.config
+        self.modalities: list[str] = list(self.config.model.modalities)
+        self.preprocess_config = self.config.preprocess
+        # a threshold per modality and, with two, for the fused probability: BundleConfig checks it
+        self.thresholds: dict[str, float] = dict(self.config.thresholds)
 
     def probabilities(self, images: np.ndarray, modality: str) -> np.ndarray:
         """p(COVID) for preprocessed uint8 images (N, size, size) of one modality."""
@@ -34,7 +35,8 @@ class BasePipeline:
 
     def check_modality(self, modality: str) -> None:
         if modality not in self.modalities:
-            raise RespiscanError(f"this bundle was trained without {modality} images; it accepts: {', '.join(self.modalities)}")
+            raise RespiscanError(f"this bundle was trained without {modality} images; "
+                                 f"it accepts: {', '.join(self.modalities)}")
 
     def prepare(self, image: ImageInput, modality: str) -> np.ndarray:
         """A file path, or a grey uint8 array, preprocessed as in training."""
@@ -43,7 +45,7 @@ class BasePipeline:
         return load_preprocessed(image, modality, self.preprocess_config)
 
     def label(self, probability: float, kind: str) -> str:
-        return CLASS_NAMES[int(probability >= self.thresholds.get(kind, 0.5))]
+        return self.config.class_names[int(probability >= self.thresholds[kind])]
 
     def predict(self, xray: ImageInput | None = None, ct: ImageInput | None = None) -> dict:
         """One case: X-ray only, CT only, or both (then `probability` is the fused one). A CT volume (NIfTI,
@@ -61,11 +63,12 @@ class BasePipeline:
                 result["ct_volume"] = score_volume(self, image)
                 result["ct_probability"] = result["ct_volume"]["probability"]
                 continue
-            result[f"{modality}_probability"] = float(self.probabilities(self.prepare(image, modality)[None], modality)[0])
+            prepared = self.prepare(image, modality)[None]
+            result[f"{modality}_probability"] = float(self.probabilities(prepared, modality)[0])
         kind = "fused" if len(given) == 2 else next(iter(given))
         result["probability"] = fuse([result[f"{m}_probability"] for m in given])
         result["label"] = self.label(result["probability"], kind)
-        result["threshold"] = self.thresholds.get(kind, 0.5)
+        result["threshold"] = self.thresholds[kind]
         return result
 
     def predict_samples(self, samples: list[Sample], strict: bool = False) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -77,7 +80,8 @@ class BasePipeline:
             group = [s for s in samples if s.modality == modality]
             if not group:
                 continue
-            images, kept, bad = load_dataset_images(group, self.preprocess_config, strict=strict, desc=f"read {modality}")
+            images, kept, bad = load_dataset_images(group, self.preprocess_config, strict=strict,
+                                                    desc=f"read {modality}")
             skipped += bad
             for s, p in zip(kept, self.probabilities(images, modality)):
                 rows.append({"id": s.id, "path": str(s.path), "modality": modality, "probability": float(p),

@@ -6,32 +6,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
-from respiscan.bundle import read_weights
+from respiscan.bundle import Bundle, BundleConfig
 from respiscan.errors import RespiscanError
-from respiscan.serving.pipeline import BasePipeline
 from respiscan.models.network import MMTLNet
-from respiscan.models.spec import ModelSpec
-from respiscan.runtime import BF16_TOLERANCE, bf16_supported, predict_logits
+from respiscan.runtime import bf16_supported, predict_logits
+from respiscan.serving.pipeline import BasePipeline
 
 
-def bf16_allowed(config: dict) -> bool:
+def bf16_allowed(config: BundleConfig) -> bool:
     """bf16 by default only where the CPU has bf16 units and training measured that bf16 keeps this bundle's
-    validation probabilities within BF16_TOLERANCE of fp32 (a bundle without that check runs fp32)."""
-    check = config.get("bf16_check") or {}
-    return bf16_supported() and check.get("max_abs_difference", float("inf")) <= check.get("tolerance", BF16_TOLERANCE)
+    validation probabilities within the recorded tolerance of fp32 (a bundle without that check runs fp32)."""
+    return bf16_supported() and config.bf16_check is not None and config.bf16_check.allows_bf16
 
 
 class Pipeline(BasePipeline):
     """The torch engine. `bf16=None` follows `bf16_allowed`; True/False force it."""
 
-    def __init__(self, bundle: str | Path, bf16: bool | None = None):
+    def __init__(self, bundle: str | Path | Bundle, bf16: bool | None = None):
         super().__init__(bundle)
-        self.net = MMTLNet(ModelSpec.from_dict(self.config["model"]), pretrained=False)
+        self.net = MMTLNet(self.config.model, pretrained=False)
         try:
-            self.net.load_state_dict(read_weights(self.bundle, self.config))
+            self.net.load_state_dict(self.bundle.weights())
         except RuntimeError as e:
-            raise RespiscanError(f"{self.bundle}: weights do not fit the model in config.json ({str(e).splitlines()[0]})") from e
+            raise RespiscanError(f"{self.bundle.path}: weights do not fit the model in config.json "
+                                 f"({str(e).splitlines()[0]})") from e
         self.net.eval()
         self.bf16 = bf16_allowed(self.config) if bf16 is None else bf16
 
@@ -39,4 +39,4 @@ class Pipeline(BasePipeline):
         self.check_modality(modality)
         logits = predict_logits(lambda x: self.net(x, modality), torch.from_numpy(np.ascontiguousarray(images)),
                                 batch_size=32, bf16=self.bf16)
-        return 1 / (1 + np.exp(-logits.astype(np.float64)))
+        return expit(logits.astype(np.float64))

@@ -69,7 +69,7 @@ def score_volume(pipeline, path: str | Path, top_k: int = 5) -> dict:
     probability = float(np.mean(np.sort(probabilities)[-k:]))
     return {
         "path": str(path), "probability": probability, "label": pipeline.label(probability, "ct"),
-        "threshold": pipeline.thresholds.get("ct", 0.5), "aggregation": AGGREGATION, "k": k,
+        "threshold": pipeline.thresholds["ct"], "aggregation": AGGREGATION, "k": k,
         "n_slices": len(slices), "n_lung_slices": len(lung),
         "slices": [{"index": i, "lung": i in by_slice, "lung_fraction": round(f, 4), "probability": by_slice.get(i)}
                    for i, f in enumerate(fractions)],

@@ -17,9 +17,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from respiscan.runtime import autocast, device_of, minibatches, predict_logits
+from respiscan.runtime import autocast, batches_per_epoch, device_of, minibatches, predict_logits, save_tensors
 from respiscan.training import distributed
-from respiscan.utils import atomic_write, write_rows
+from respiscan.training.config import ClassifierFit
+from respiscan.utils import write_rows
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -45,8 +46,6 @@ class EpochCheckpoint:
 
     def save(self, model: nn.Module, epoch: int, history: list[dict], best_epoch: int, best_score: tuple,
              best_state: dict | None) -> None:
-        from safetensors.torch import save
-
         if not distributed.is_main():
             return
         opt = self.optimizer.state_dict()
@@ -63,10 +62,8 @@ class EpochCheckpoint:
         tensors["rng/torch"] = torch.get_rng_state()
         meta = {"epoch": epoch, "history": history, "best_epoch": best_epoch, "best_score": list(best_score),
                 "has_best": best_state is not None, "param_groups": opt["param_groups"], "opt_meta": opt_meta,
-                "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}}
-        with atomic_write(self.path, "wb") as f:
-            f.write(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                         metadata={"state": json.dumps(meta)}))
+                "scheduler": self.scheduler.state_dict()}
+        save_tensors(self.path, tensors, metadata={"state": json.dumps(meta)})
 
     def load(self, model: nn.Module) -> tuple[int, list[dict], int, tuple, dict | None] | None:
         """Restore everything and return (epoch, history, best_epoch, best_score, best_state), or None."""
@@ -89,7 +86,7 @@ class EpochCheckpoint:
                 for k, v in self.optimizer.state.get(p, {}).items():
                     if torch.is_tensor(v) and v.shape == p.shape:
                         self.optimizer.state[p][k] = torch.empty_like(p).copy_(v)
-        self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
+        self.scheduler.load_state_dict(meta["scheduler"])
         self.generator.set_state(tensors["rng/generator"])
         torch.set_rng_state(tensors["rng/torch"])
         best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best/")} if meta["has_best"] else None
@@ -113,7 +110,8 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict[str,
         last, history, best_epoch, best_score, best_state = restored
         start = last + 1
     best_row = history[best_epoch - 1] if best_epoch else {}
-    bar = tqdm(range(start, epochs + 1), desc=desc, unit="epoch", initial=start - 1, total=epochs, **distributed.quiet())
+    bar = tqdm(range(start, epochs + 1), desc=desc, unit="epoch", initial=start - 1, total=epochs,
+               **distributed.quiet())
     for epoch in bar:
         if history and epoch - best_epoch > patience:
             break
@@ -131,7 +129,8 @@ def fit(model: nn.Module, *, epochs: int, train_epoch: Callable[[int], dict[str,
             score = (score, -row["val_loss"])
         else:
             score = (score, 0.0)
-        improved = validate is None or monitor is None or (not math.isnan(score[0]) and (score < best_score if minimise else score > best_score))
+        better = score < best_score if minimise else score > best_score
+        improved = validate is None or monitor is None or (not math.isnan(score[0]) and better)
         if improved:
             best_score, best_epoch, best_row = score, epoch, row
             best_state = copy.deepcopy(model.state_dict())
@@ -154,29 +153,17 @@ def write_log(path: Path, history: list[dict[str, float]]) -> None:
         write_rows(path, history, list(dict.fromkeys(k for row in history for k in row)))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Step s runs at lr * (s + 1) / warmup_steps while s < warmup_steps, then lr * (1 + cos(pi * progress)) / 2
+    with progress going from 0 to 1 over the remaining steps."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@dataclass
-class ClassifierFit:
-    """Settings of a binary-classifier stage (BCE on logits, AdamW, warm-up + cosine schedule)."""
-
-    epochs: int = 100
-    patience: int = 15
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 1
-    # "best": keep the epoch with the best validation AUC (early stopping); "last": run the whole schedule and
-    # keep its end, for stages whose small validation split is too noisy to pick an epoch (scratch backbones)
-    select: str = "best"
+    if not warmup_steps:
+        return CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    warmup = LinearLR(optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps - 1)
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
@@ -196,7 +183,7 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     device = device_of(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
-    steps_per_epoch = max(1, len(x_train) // settings.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch(len(x_train), settings.batch_size))
     scheduler = warmup_cosine(optimizer, settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch)
     y_train = y_train.float()
     sharded = shard and distributed.active()

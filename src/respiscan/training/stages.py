@@ -12,15 +12,19 @@ from torch import nn
 from tqdm import tqdm
 
 from respiscan.models.backbone import EmbeddingNet
-from respiscan.training import distributed
-from respiscan.models.mlp import AdversarialSharedMLP
+from respiscan.models.mlp import AdversarialSharedMLP, Discriminator
 from respiscan.runtime import autocast, device_of, minibatches
+from respiscan.training import distributed
 from respiscan.training.loop import ClassifierFit, FitResult, auc, fit, train_classifier
 
 
 def random_affine(images: torch.Tensor, gen: torch.Generator, max_rotate: float = 10.0, max_scale: float = 0.1,
                   max_shift: float = 0.06, max_gain: float = 0.1) -> torch.Tensor:
-    """Light augmentation for scratch-trained backbones: rotation, scale, shift, brightness/contrast."""
+    """Light augmentation for scratch-trained backbones: rotation, scale, shift, brightness/contrast.
+
+    Batched, with parameters per image drawn from `gen`: torchvision's v2 transforms draw one set per call from
+    the global generator, so a batch would share them and a per-image loop is slower.
+    """
     x = (images if images.ndim == 4 else images.unsqueeze(1)).float()
     n = len(x)
     u = lambda: torch.rand(n, generator=gen) * 2 - 1  # noqa: E731  (uniform in [-1, 1])
@@ -53,14 +57,16 @@ def _rows(fn, images: torch.Tensor, bf16: bool, batch_size: int, desc: str, dim:
     device = device_of(net)
     mine = distributed.shard(torch.arange(len(images)))
     out = []
-    for idx in tqdm(list(minibatches(len(mine), batch_size)), desc=desc, unit="batch", leave=False, **distributed.quiet()):
+    for idx in tqdm(list(minibatches(len(mine), batch_size)), desc=desc, unit="batch", leave=False,
+                    **distributed.quiet()):
         with autocast(bf16, device):
             out.append(fn(images[mine[idx]].to(device)).float().cpu())
     return distributed.gather_rows(torch.cat(out) if out else torch.zeros(0, dim), len(images))
 
 
 @torch.no_grad()
-def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64, desc: str = "features") -> torch.Tensor:
+def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64,
+                      desc: str = "features") -> torch.Tensor:
     return _rows(net.features, images, bf16, batch_size, desc, net.backbone.num_features)
 
 
@@ -82,7 +88,8 @@ def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], 
 
 
 @torch.no_grad()
-def embed_images(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64, desc: str = "embed") -> torch.Tensor:
+def embed_images(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64,
+                 desc: str = "embed") -> torch.Tensor:
     """The 1280-d embeddings (LeakyReLU output) of a set of preprocessed images."""
     return _rows(net.embed, images, bf16, batch_size, desc, net.dense.out_features)
 
@@ -91,11 +98,12 @@ def train_adversarial(shared: AdversarialSharedMLP, emb: torch.Tensor, modality:
                       modality_val: torch.Tensor, epochs: int, settings: ClassifierFit, *, seed: int,
                       log_path: Path | None, desc: str = "adversarial") -> FitResult:
     """Generator vs modality discriminator (X-ray 1, CT 0): the generator learns to make the discriminator
-    see the inverted modality, which pushes its output towards modality-invariant features."""
+    see the inverted modality, which pushes its output towards modality-invariant features. The discriminator
+    is the stage's adversary only: it is discarded afterwards and never ships in a bundle."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = device_of(shared)
-    g, d = shared.generator, shared.discriminator
+    g, d = shared.generator, Discriminator(emb.shape[1]).to(device)
     opt_g = torch.optim.AdamW(g.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     opt_d = torch.optim.AdamW(d.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     modality, modality_val = modality.float(), modality_val.float()
@@ -131,7 +139,7 @@ def finetune_adversarial(shared: AdversarialSharedMLP, train: tuple[torch.Tensor
                          log_path: Path | None, desc: str = "shared fine-tune") -> FitResult:
     """Train LeakyReLU + 640 + LeakyReLU + Dense(1) on the frozen generator's output."""
     shared.generator.requires_grad_(False)
-    params = [p for n, p in shared.named_parameters() if not n.startswith(("generator.", "discriminator."))]
+    params = [p for n, p in shared.named_parameters() if not n.startswith("generator.")]
     result = train_classifier(shared, *train, *val, settings, seed=seed, params=params, log_path=log_path, desc=desc,
                               shard=False)
     shared.generator.requires_grad_(True)
