@@ -293,11 +293,12 @@ def machine() -> str:
 def bench_training(table: Table, bundle: Path) -> None:
     """The bundle's own record of its training: total wall time and each stage's epochs and seconds."""
     import csv
-    import json
 
-    config = json.loads((bundle / "config.json").read_text())
+    from respiscan.bundle import Bundle
+
+    recorded = Bundle.open(bundle).config.train_seconds
     table.add("training", "whole training of this bundle (recorded in config.json)",
-              f"{config['train_seconds'] / 60:.1f} min")
+              "not recorded" if recorded is None else f"{recorded / 60:.1f} min")
     for log in sorted((bundle / "logs").glob("*.csv")):
         rows = list(csv.DictReader(open(log)))
         seconds = sum(float(r["seconds"]) for r in rows)

@@ -11,8 +11,8 @@ import respiscan
 PACKAGE = Path(respiscan.__file__).parent
 # lowest first; a module may import its own layer and the ones before it, never a later one. bundle.py (the
 # format) sits below training: training writes bundles, serving reads them, and the format imports neither
-LAYERS = [("errors", "utils", "figures", "extras"), ("data",), ("models",), ("runtime", "metrics"), ("bundle",),
-          ("training",), ("serving",), ("evaluation",), ("experiments",), ("cli", "__main__")]
+LAYERS = [("errors", "utils", "records", "figures", "extras"), ("data",), ("models",), ("runtime", "metrics"),
+          ("bundle",), ("training",), ("serving",), ("evaluation",), ("experiments",), ("cli", "__main__")]
 
 
 def _layer(module: str) -> int:

@@ -153,3 +153,13 @@ def test_with_overrides_rebuilds_like_the_cli():
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
     with pytest.raises(RespiscanError, match="unknown shared kind"):
         base.with_overrides(shared="wavy")
+
+
+def test_train_config_records_are_type_checked_by_key():
+    from respiscan.training.config import TrainConfig
+
+    with pytest.raises(RespiscanError, match=r"TrainConfig: 'mlp_fit.lr' should be a finite number"):
+        TrainConfig.from_dict({"mlp_fit": {"lr": "fast"}})
+    with pytest.raises(RespiscanError, match=r"'backbone_fit.select' is 'first'; accepted: best, last"):
+        TrainConfig.from_dict({"backbone_fit": {"select": "first"}})
+    assert TrainConfig.from_dict({"seed": 3, "from_a_newer_version": 1}).seed == 3

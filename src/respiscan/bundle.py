@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import types
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
-from functools import cache
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal
 
 from respiscan import __version__
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.samples import CLASS_NAMES, MODALITIES
 from respiscan.errors import RespiscanError
 from respiscan.models.spec import ModelSpec
+from respiscan.records import Invalid, build, describe, dump
 from respiscan.utils import atomic_write, write_json
 
 if TYPE_CHECKING:
@@ -154,19 +152,19 @@ class BundleConfig:
     def from_dict(cls, document: Any, where: str | Path = CONFIG) -> BundleConfig:
         """The config of a JSON document, checked; RespiscanError naming `where` and the key otherwise."""
         if not isinstance(document, dict):
-            raise RespiscanError(f"{where}: expected a JSON object, got {_describe(document)}")
+            raise RespiscanError(f"{where}: expected a JSON object, got {describe(document)}")
         try:
             _check_format(document)
-            config, unknown = _build(cls, document, "")
+            config, unknown = build(cls, document, "")
             config = replace(config, unknown=unknown)
             _check_values(config)
-        except _Invalid as e:
+        except Invalid as e:
             raise RespiscanError(f"{where}: {e}") from None
         return config
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, in the format's key order, with the unknown keys as they were read."""
-        return _dump(self, self.unknown)
+        return dump(self, self.unknown)
 
     def with_onnx(self, onnx: OnnxExport) -> BundleConfig:
         """A copy recording newly exported graphs (what an older export left under "onnx" is dropped)."""
@@ -263,127 +261,17 @@ def save_bundle(out: str | Path, net: torch.nn.Module, config: BundleConfig | di
     return out
 
 
-class _Invalid(Exception):
-    """A problem at one key; from_dict prefixes the file name."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"{key!r} {problem}" if key else problem)
-
-
-_NONE = type(None)
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false",
-               list: "a list", dict: "an object"}
-
-
-def _describe(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
-
-
-def _join(key: str, name: str | int) -> str:
-    return f"{key}[{name}]" if isinstance(name, int) else f"{key}.{name}" if key else name
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def _build(kind: Any, value: Any, key: str) -> tuple[Any, dict]:
-    """`value` checked against the annotation `kind` (dataclasses, Literal, X | None, list, dict, scalars, Any);
-    returns it converted (dataclasses built, ints as floats where floats are due) and the tree of keys unknown
-    to the dataclasses on the way."""
-    origin = get_origin(kind)
-    if kind is Any:
-        return value, {}
-    if is_dataclass(kind):
-        return _build_dataclass(kind, value, key)
-    if origin is Literal:
-        if isinstance(value, (dict, list)) or value not in get_args(kind):
-            raise _Invalid(key, f"is {value!r}; accepted: "
-                                f"{', '.join(map(str, get_args(kind)))}")
-        return value, {}
-    if origin in (Union, types.UnionType):
-        if value is None and _NONE in get_args(kind):
-            return None, {}
-        *others, last = [arg for arg in get_args(kind) if arg is not _NONE]
-        for arm in others:
-            try:
-                return _build(arm, value, key)
-            except _Invalid:
-                pass
-        return _build(last, value, key)
-    if origin in (list, tuple) or kind in (list, tuple):
-        if not isinstance(value, list):
-            raise _Invalid(key, f"should be a list, got {_describe(value)}")
-        item = (get_args(kind) or (Any,))[0]  # list[X] and tuple[X, ...]
-        built = [_build(item, v, _join(key, i)) for i, v in enumerate(value)]
-        items = [b for b, _ in built]
-        return (tuple(items) if tuple in (origin, kind) else items), {i: u for i, (_, u) in enumerate(built) if u}
-    if origin is dict or kind is dict:
-        if not isinstance(value, dict):
-            raise _Invalid(key, f"should be an object, got {_describe(value)}")
-        names, items = get_args(kind) or (str, Any)
-        out, unknown = {}, {}
-        for name, v in value.items():
-            if get_origin(names) is Literal and name not in get_args(names):
-                raise _Invalid(key, f"has an unknown key {name!r}; accepted: {', '.join(get_args(names))}")
-            out[name], unknown[name] = _build(items, v, _join(key, name))
-        return out, {k: u for k, u in unknown.items() if u}
-    ok = (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-          or kind is float and isinstance(value, int) and not isinstance(value, bool))
-    if not ok or (kind is float and not math.isfinite(value)):
-        raise _Invalid(key, f"should be {_TYPE_NAMES.get(kind, kind.__name__)}, got {_describe(value)}")
-    return (float(value) if kind is float else value), {}
-
-
-def _build_dataclass(cls: type, value: Any, key: str) -> tuple[Any, dict]:
-    if not isinstance(value, dict):
-        raise _Invalid(key, f"should be an object, got {_describe(value)}")
-    kwargs, unknown = {}, {}
-    stored = [f for f in fields(cls) if f.init and f.metadata.get("json", True)]
-    for f in stored:
-        if f.name in value:
-            kwargs[f.name], sub = _build(_hints(cls)[f.name], value[f.name], _join(key, f.name))
-            if sub:
-                unknown[f.name] = sub
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise _Invalid("", f"missing key {_join(key, f.name)!r}")
-    names = {f.name for f in stored}
-    unknown.update({k: v for k, v in value.items() if k not in names})
-    try:
-        return cls(**kwargs), unknown
-    except (RespiscanError, TypeError, ValueError) as e:
-        raise _Invalid(key, f"is invalid: {e}") from e
-
-
-def _dump(value: Any, unknown: dict) -> Any:
-    """JSON-ready value of `value`, with the unknown keys of the tree `_build` returned put back."""
-    if is_dataclass(value):
-        out = {}
-        for f in fields(value):
-            v = getattr(value, f.name)
-            if f.metadata.get("json", True) and not (v is None and f.metadata.get("omit_none")):
-                out[f.name] = _dump(v, unknown.get(f.name, {}))
-        return {**out, **{k: v for k, v in unknown.items() if k not in {f.name for f in fields(value)}}}
-    if isinstance(value, dict):
-        return {k: _dump(v, unknown.get(k, {})) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_dump(v, unknown.get(i, {})) for i, v in enumerate(value)]
-    return value
-
-
 def _check_format(document: dict) -> None:
     """Format and version first: a newer version's other keys must not hide that it is newer."""
     if "format" not in document:
-        raise _Invalid("", "missing key 'format': not a respiscan bundle")
+        raise Invalid("", "missing key 'format': not a respiscan bundle")
     if document["format"] != FORMAT:
-        raise _Invalid("format", f"is {document['format']!r}, not {FORMAT!r}: not a respiscan bundle")
+        raise Invalid("format", f"is {document['format']!r}, not {FORMAT!r}: not a respiscan bundle")
     version = document.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _Invalid("format_version", f"should be a positive integer, got {_describe(version)}")
+        raise Invalid("format_version", f"should be a positive integer, got {describe(version)}")
     if version > FORMAT_VERSION:
-        raise _Invalid("", f"bundle format version {version} is newer than this respiscan supports "
+        raise Invalid("", f"bundle format version {version} is newer than this respiscan supports "
                            f"({FORMAT_VERSION}); upgrade respiscan")
 
 
@@ -391,38 +279,38 @@ def _check_values(config: BundleConfig) -> None:
     """The values a person may edit by hand, checked where types cannot say it."""
     model, pre = config.model, config.preprocess
     if not model.modalities or len(set(model.modalities)) != len(model.modalities):
-        raise _Invalid("model.modalities", f"should list each modality once, got {model.modalities}")
+        raise Invalid("model.modalities", f"should list each modality once, got {model.modalities}")
     for m in model.modalities:
         if m not in MODALITIES:
-            raise _Invalid("model.modalities", f"has an unknown modality {m!r}; accepted: {', '.join(MODALITIES)}")
+            raise Invalid("model.modalities", f"has an unknown modality {m!r}; accepted: {', '.join(MODALITIES)}")
     for name, backbones in (("task_backbones", model.task_backbones), ("shared_backbones", model.shared_backbones)):
         missing = [m for m in model.modalities if backbones is not None and m not in backbones]
         if missing:
-            raise _Invalid(f"model.{name}", f"has no backbone for {missing[0]}")
+            raise Invalid(f"model.{name}", f"has no backbone for {missing[0]}")
     if not MIN_IMAGE_SIZE <= pre.size <= MAX_IMAGE_SIZE:
-        raise _Invalid("preprocess.size", f"is {pre.size}; accepted: {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
+        raise Invalid("preprocess.size", f"is {pre.size}; accepted: {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
     if not pre.clahe_clip > 0:
-        raise _Invalid("preprocess.clahe_clip", f"is {pre.clahe_clip:g}; the CLAHE clip limit must be positive")
+        raise Invalid("preprocess.clahe_clip", f"is {pre.clahe_clip:g}; the CLAHE clip limit must be positive")
     if not 1 <= pre.clahe_tiles <= min(MAX_CLAHE_TILES, pre.size):
-        raise _Invalid("preprocess.clahe_tiles", f"is {pre.clahe_tiles}; accepted: 1 to "
+        raise Invalid("preprocess.clahe_tiles", f"is {pre.clahe_tiles}; accepted: 1 to "
                                                  f"{min(MAX_CLAHE_TILES, pre.size)} tiles per side")
     if not 0 <= pre.ct_opening < pre.size:
-        raise _Invalid("preprocess.ct_opening", f"is {pre.ct_opening}; accepted: 0 (off) to {pre.size - 1} pixels")
+        raise Invalid("preprocess.ct_opening", f"is {pre.ct_opening}; accepted: 0 (off) to {pre.size - 1} pixels")
     if not pre.dicom_ct_width > 0:
-        raise _Invalid("preprocess.dicom_ct_width", f"is {pre.dicom_ct_width:g}; the CT window width must be "
+        raise Invalid("preprocess.dicom_ct_width", f"is {pre.dicom_ct_width:g}; the CT window width must be "
                                                     "positive (HU)")
     if config.class_names != list(CLASS_NAMES):
-        raise _Invalid("class_names", f"is {config.class_names}; format {FORMAT_VERSION} has {list(CLASS_NAMES)}")
+        raise Invalid("class_names", f"is {config.class_names}; format {FORMAT_VERSION} has {list(CLASS_NAMES)}")
     if config.positive_class != CLASS_NAMES[1]:
-        raise _Invalid("positive_class", f"is {config.positive_class!r}; format {FORMAT_VERSION} has "
+        raise Invalid("positive_class", f"is {config.positive_class!r}; format {FORMAT_VERSION} has "
                                          f"{CLASS_NAMES[1]!r}")
     for kind, threshold in config.thresholds.items():
         if not 0 <= threshold <= 1:
-            raise _Invalid(f"thresholds.{kind}", f"is {threshold:g}; a threshold must lie in [0, 1]")
+            raise Invalid(f"thresholds.{kind}", f"is {threshold:g}; a threshold must lie in [0, 1]")
     needed = [*model.modalities, *(["fused"] if len(model.modalities) > 1 else [])]
     missing = [k for k in needed if k not in config.thresholds]
     if missing:
-        raise _Invalid("thresholds", f"has no threshold for {missing[0]}")
+        raise Invalid("thresholds", f"has no threshold for {missing[0]}")
     for m, graph in (config.onnx.graphs.items() if config.onnx else ()):
         if not graph.file or Path(graph.file).name != graph.file or graph.file in (".", ".."):
-            raise _Invalid(f"onnx.graphs.{m}.file", f"is {graph.file!r}; expected a file name inside the bundle")
+            raise Invalid(f"onnx.graphs.{m}.file", f"is {graph.file!r}; expected a file name inside the bundle")

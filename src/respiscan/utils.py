@@ -7,9 +7,7 @@ import os
 import platform
 import random
 import tempfile
-import typing
 from contextlib import contextmanager
-from dataclasses import asdict, fields, is_dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -77,23 +75,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-class Record:
-    """Mixin for configuration dataclasses stored as JSON: `to_dict()` and `from_dict()`, which rebuilds nested
-    Record fields and ignores keys it does not know (a newer minor version's additions)."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            if f.name not in d:
-                continue
-            kind, value = hints[f.name], d[f.name]
-            nested = isinstance(kind, type) and issubclass(kind, Record) and is_dataclass(kind)
-            kwargs[f.name] = kind.from_dict(value) if nested and isinstance(value, dict) else value
-        return cls(**kwargs)

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from respiscan.errors import RespiscanError
-from respiscan.utils import Record
+from respiscan.records import Record
 
 
 @dataclass(frozen=True)

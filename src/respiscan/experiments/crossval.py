@@ -15,7 +15,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from respiscan.bundle import Bundle
+from respiscan.bundle import CONFIG, Bundle
 from respiscan.data.audit import source_of
 from respiscan.data.samples import DataPaths, Sample, data_paths, discover
 from respiscan.errors import RespiscanError
@@ -119,7 +119,7 @@ def run_crossval(data: DataPaths, out: str | Path, config: TrainConfig, *, by: B
     for i, fold in enumerate(plan, 1):
         where = out / "folds" / fold.name
         bundle, metrics = where / "bundle", where / "evaluation" / "metrics.json"
-        if resume and metrics.is_file() and (bundle / "config.json").is_file():
+        if resume and metrics.is_file() and (bundle / CONFIG).is_file():
             results = read_json(metrics)
             if progress:
                 print(f"[fold {i}/{len(plan)}] {fold.held_out}: finished earlier, reused")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from respiscan.errors import RespiscanError
-from respiscan.utils import Record
+from respiscan.records import Record
 
 SharedKind = Literal["plain", "adversarial", "none"]
 SHARED_KINDS: tuple[str, ...] = get_args(SharedKind)

@@ -11,7 +11,7 @@ from typing import Literal
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.errors import RespiscanError
 from respiscan.models.spec import ModelSpec, SharedKind
-from respiscan.utils import Record
+from respiscan.records import Record
 
 Select = Literal["best", "last"]
 FinetuneTarget = Literal["covid", "modality"]
