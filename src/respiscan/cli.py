@@ -81,7 +81,7 @@ def train(data: list[Path] = typer.Argument(..., help="Data folder(s) (reference
 
     cfg = make_preset(preset).with_overrides(seed=seed, shared=shared, backbone=backbone, image_size=image_size,
                                              epochs=epochs, pretrained=str(weights) if weights else pretrained)
-    bundle = run_train(_one_or_many(data), out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
+    bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
     typer.echo(f"bundle written to {bundle}")
 
 
@@ -155,7 +155,7 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
     """Metrics on the test split, per modality and fused (COVID is the positive class)."""
     from respiscan.evaluation.evaluate import evaluate as run_evaluate
 
-    results = run_evaluate(bundle, _one_or_many(data), out, strict=strict)
+    results = run_evaluate(bundle, data, out, strict=strict)
     _report_skipped([(s["id"], s["reason"]) for s in results["skipped"]])
     for name, m in [*results["modalities"].items(), *([("fused", results["fused"])] if "fused" in results else [])]:
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
@@ -285,11 +285,6 @@ def info(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     typer.echo("onnx          " + (f"graphs for {', '.join(config.onnx.graphs)} (opset {config.onnx.opset})"
                                    if config.onnx else "not exported (`respiscan export` writes the graphs)"))
     typer.echo(f"weights       sha256 {config.weights_sha256}")
-
-
-def _one_or_many(data: list[Path]) -> Path | list[Path]:
-    """One DATA argument as a path, as before; several as a list (discover reads them as one data set)."""
-    return data[0] if len(data) == 1 else data
 
 
 def _fmt(v: float | None) -> str:

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from respiscan import __version__
-from respiscan.bundle import SPLITS, Bundle, BundleConfig
+from respiscan.bundle import SPLITS_FILE, Bundle, BundleConfig
 from respiscan.data.audit import class_balance, source_of
 from respiscan.data.samples import CLASS_NAMES, Sample
 from respiscan.metrics import SCALAR_METRICS
@@ -63,7 +63,7 @@ Block = tuple  # ("h1" | "h2" | "h3" | "p", text) | ("ul", [text]) | ("table", h
 
 def read_splits(bundle: Path) -> list[Sample]:
     """The samples the bundle was trained, validated and tested on (BUNDLE/splits.csv); [] when it has none."""
-    path = Path(bundle) / SPLITS
+    path = Path(bundle) / SPLITS_FILE
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from respiscan.bundle import save_bundle
+from respiscan.bundle import LOGS, SPLITS_FILE, save_bundle
 from respiscan.data.audit import audit, check_strict
 from respiscan.data.images import load_dataset_images
 from respiscan.data.samples import (
@@ -47,7 +47,7 @@ from respiscan.training.stages import embed_images, train_embedder
 from respiscan.training.store import StageStore
 from respiscan.utils import package_versions, seed_everything, write_json, write_rows
 
-SPLITS = ("train", "val")
+FIT_SPLITS = ("train", "val")  # what training reads; test is never loaded here
 XRAY = MODALITIES[0]
 Split = tuple[torch.Tensor, torch.Tensor]  # images or features, labels
 
@@ -92,14 +92,14 @@ def prepare_data(samples: list[Sample], cfg: TrainConfig, *, strict: bool, cache
         print(f"audit: {warning}")
     if strict:
         check_strict(found)
-    fit_samples = [s for s in samples if s.split in SPLITS]
+    fit_samples = [s for s in samples if s.split in FIT_SPLITS]
     images, fit_samples, skipped = load_dataset_images(fit_samples, cfg.preprocess, strict=strict, cache_dir=cache_dir)
     for _, reason in skipped:
         print(f"warning: skipped {reason}")
     check_trainable(fit_samples, where)
     splits = {}
     for m in cfg.model.modalities:
-        for sp in SPLITS:
+        for sp in FIT_SPLITS:
             idx = [i for i, s in enumerate(fit_samples) if s.modality == m and s.split == sp]
             splits[m, sp] = (torch.from_numpy(images[idx]),
                              torch.tensor([fit_samples[i].label for i in idx], dtype=torch.float32))
@@ -137,7 +137,7 @@ def train_embedders(net: MMTLNet, cfg: TrainConfig, data: FitData, store: StageS
         cached = store.load_tensors(f"embeddings_{keys[key]}")
         if cached is None:
             cached = {sp: embed_images(embedder, data.images[modality, sp][0], bf16, desc=f"embed {key} {sp}")
-                      for sp in SPLITS}
+                      for sp in FIT_SPLITS}
             store.save_tensors(f"embeddings_{keys[key]}", cached)
         for sp, tensor in cached.items():
             if not torch.isfinite(tensor).all():
@@ -177,7 +177,7 @@ def train_shared(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store
         embeddings=torch.cat([emb[_shared_input(net, m), sp] for m in modalities]),
         covid=torch.cat([data.labels(m, sp) for m in modalities]),
         modality=torch.cat([torch.full((len(data.labels(m, sp)),), float(m == XRAY)) for m in modalities]))
-        for sp in SPLITS}
+        for sp in FIT_SPLITS}
     SHARED_FITS[cfg.model.shared](net.shared, pooled["train"], pooled["val"], cfg, stage_logs)
     store.save_module(keys["shared"], net.shared, *stage_logs)
 
@@ -188,7 +188,7 @@ def train_heads(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store:
     net.eval()
     head_x: dict[tuple[str, str], torch.Tensor] = {}
     for m in cfg.model.modalities:
-        for sp in SPLITS:
+        for sp in FIT_SPLITS:
             with torch.no_grad():
                 head_x[m, sp] = net.head_features(m, emb[f"task_{m}", sp].to(device),
                                                   emb[_shared_input(net, m), sp].to(device)).cpu()
@@ -248,7 +248,7 @@ def write_bundle(out: Path, net: MMTLNet, cfg: TrainConfig, data_path: DataPaths
     write_json(out / "metrics.json", {"split": "validation", "metrics": validation.metrics,
                                       "thresholds": validation.thresholds})
     write_rows(out / "validation_predictions.csv", validation.rows)
-    write_manifest(data.samples, out / "splits.csv")
+    write_manifest(data.samples, out / SPLITS_FILE)
     return out
 
 
@@ -266,7 +266,7 @@ def train(data: DataPaths, out: str | Path, config: TrainConfig | None = None, *
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
     all_samples = fit_samples_of(data, cfg, samples)
-    modalities = [m for m in MODALITIES if any(s.modality == m and s.split in SPLITS for s in all_samples)]
+    modalities = [m for m in MODALITIES if any(s.modality == m and s.split in FIT_SPLITS for s in all_samples)]
     cfg = replace(cfg, model=replace(cfg.model, modalities=modalities))
     torch_device = resolve_device(distributed.setup(device))
     net = MMTLNet(cfg.model, pretrained=cfg.pretrained).to(torch_device)  # a bad backbone fails before long work
@@ -274,7 +274,7 @@ def train(data: DataPaths, out: str | Path, config: TrainConfig | None = None, *
                             where=describe(data))
     store = StageStore(Path(stages_dir) if stages_dir else out / ".stages", clear=not (resume or stages_dir))
     keys = stage_keys(store, net, cfg, fit_data)
-    logs = out / "logs"
+    logs = out / LOGS
     bf16 = bf16_supported(torch_device)
 
     emb = train_embedders(net, cfg, fit_data, store, keys, logs, bf16)
