@@ -11,8 +11,9 @@ import respiscan
 PACKAGE = Path(respiscan.__file__).parent
 # lowest first; a module may import its own layer and the ones before it, never a later one. bundle.py (the
 # format) sits below training: training writes bundles, serving reads them, and the format imports neither
-LAYERS = [("errors", "utils", "records", "figures", "extras"), ("data",), ("models",), ("runtime", "metrics"),
-          ("bundle",), ("training",), ("serving",), ("evaluation",), ("experiments",), ("cli", "__main__")]
+LAYERS = [("errors", "utils", "records", "figures", "extras"), ("data",), ("models",),
+          ("runtime", "metrics", "calibration"), ("bundle", "card"), ("training",), ("serving",), ("evaluation",),
+          ("experiments",), ("cli", "__main__")]
 
 
 def _layer(module: str) -> int:
@@ -55,3 +56,29 @@ def test_serving_loads_no_training_or_evaluation_module():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_cli_onnx_predict_loads_no_heavy_module(bundle, synth_data, tmp_path):
+    """The whole `respiscan predict --engine onnx` path, CLI included, in a fresh process: none of the modules
+    that cost a cold one-image prediction its start-up (torch alone takes seconds)."""
+    import shutil
+
+    from respiscan.data.samples import discover
+    from respiscan.serving.export import export_onnx
+
+    exported = tmp_path / "bundle"
+    shutil.copytree(bundle, exported)
+    export_onnx(exported)
+    pair = {m: next(str(s.path) for s in discover(synth_data) if s.modality == m) for m in ("xray", "ct")}
+    heavy = ("torch", "timm", "torchvision", "matplotlib", "scipy", "sklearn", "pandas", "rich", "pydantic", "tqdm")
+    argv = ["respiscan", "predict", str(exported), "--xray", pair["xray"], "--ct", pair["ct"], "--engine", "onnx",
+            "--json"]
+    code = ("import atexit, json, runpy, sys\n"
+            f"atexit.register(lambda: open({str(tmp_path / 'modules.json')!r}, 'w').write(json.dumps(sorted("
+            f"m for m in sys.modules if m.split('.')[0] in {heavy!r}))))\n"
+            f"sys.argv = {argv!r}\n"
+            "runpy.run_module('respiscan', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 <= json.loads(proc.stdout.strip().splitlines()[-1])["probability"] <= 1
+    assert json.loads((tmp_path / "modules.json").read_text()) == []

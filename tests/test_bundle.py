@@ -8,7 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +108,8 @@ def test_config_schema(copy, changes, message):
     ("preprocess.ct_opening", -1, "'preprocess.ct_opening' is -1"),
     ("model.modalities", ["xray", "mri"], "'model.modalities' has an unknown modality 'mri'"),
     ("model.modalities", [], "'model.modalities' should list each modality once"),
-    ("model.shared", "adversarail", "'model.shared' is 'adversarail'; accepted: plain, adversarial, none"),
+    ("model.shared", "adversarail",
+     "'model.shared' is 'adversarail'; accepted: plain, adversarial, source_adversarial, none"),
     ("model.task_backbones", {"xray": "resnet18"}, "'model.task_backbones' has no backbone for ct"),
     ("data.fingerprint", None, "'data.fingerprint' should be an object"),
     ("bf16_check", {"max_abs_difference": 0.1, "tolerance": 0.01, "images": "validation split",
@@ -178,19 +179,22 @@ def test_format1_config_loads_and_writes_back_unchanged(bundle, copy):
     assert config.training["seed"] == 0 and config.audit["n_images"] == 48
     opened.save_config(config)
     assert json.loads((copy / "config.json").read_text()) == document
-    # the torch engine runs on it: same network, so the same probabilities as with the bundle's own config
+    # the torch engine runs on it: same network, so the same network probabilities as with the bundle's own config
+    # (format 1 has no calibration, so these are also what it predicts)
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
     got = Pipeline(copy, bf16=False).probabilities(images, "ct")
-    assert got.shape == (3,) and np.array_equal(got, Pipeline(bundle, bf16=False).probabilities(images, "ct"))
+    assert got.shape == (3,) and np.array_equal(got, Pipeline(bundle, bf16=False).outputs(images, "ct").probability)
 
 
 def test_new_bundles_write_the_format1_layout(bundle):
     """Today's trainer writes the keys, order and nesting of the format-1 file."""
     written = json.loads((bundle / "config.json").read_text())
     known = json.loads(FORMAT1.read_text())
-    assert list(written) == [k for k in known if k != "onnx"]
-    for section in ("model", "preprocess", "audit"):
+    later = {f.name for f in fields(BundleConfig)} - set(known)  # fields added since format 1, all optional
+    assert [k for k in written if k not in later] == [k for k in known if k != "onnx"]
+    for section in ("model", "preprocess"):
         assert list(written[section]) == list(known[section]), section
+    assert {"n_images", "cross_split_duplicates", "warnings"} <= set(written["audit"])  # the audit grew since
     assert list(written["data"]) == [*known["data"], "paths", "sources"]  # the sources came after format 1's
     assert list(written["data"]["fingerprint"]) == list(known["data"]["fingerprint"])
     assert Bundle.open(bundle).config.to_dict() == written
@@ -198,11 +202,11 @@ def test_new_bundles_write_the_format1_layout(bundle):
 
 def test_unknown_keys_are_kept_when_the_config_is_written_back(copy):
     config = json.loads((copy / "config.json").read_text())
-    config["calibration"] = {"method": "isotonic"}  # a newer minor version's additions, at two levels
+    config["conformal"] = {"method": "split"}  # a newer minor version's additions, at two levels
     config["preprocess"]["body_crop"] = True
     (copy / "config.json").write_text(json.dumps(config))
     opened = Bundle.open(copy)
-    assert opened.config.unknown == {"calibration": {"method": "isotonic"}, "preprocess": {"body_crop": True}}
+    assert opened.config.unknown == {"conformal": {"method": "split"}, "preprocess": {"body_crop": True}}
     opened.save_config(replace(opened.config, thresholds={**opened.config.thresholds, "fused": 0.4}))
     again = json.loads((copy / "config.json").read_text())
     assert again == {**config, "thresholds": {**config["thresholds"], "fused": 0.4}}

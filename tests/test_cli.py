@@ -39,7 +39,8 @@ def test_predict_batch_and_evaluate(bundle, synth_data, tmp_path, capsys, monkey
     code, out, _ = run(["predict", bundle, "--data", synth_data, "--out", tmp_path / "p.csv"], capsys, monkeypatch)
     assert code == 0 and "48 predictions written" in out
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert len(rows) == 48 and set(rows[0]) == {"id", "path", "modality", "probability", "prediction"}
+    assert len(rows) == 48 and {"id", "path", "modality", "probability", "prediction", "in_distribution",
+                                "ood_score"} <= set(rows[0])
     code, out, _ = run(["predict", bundle, "--data", synth_data / "CT_Scan_Test", "--modality", "ct",
                         "--out", tmp_path / "ct.csv"], capsys, monkeypatch)
     assert code == 0 and len(list(csv.DictReader(open(tmp_path / "ct.csv")))) == 6

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from respiscan.evaluation.evaluate import evaluate
-from respiscan.metrics import SCALAR_METRICS
+from respiscan.metrics import N_RESAMPLES, SCALAR_METRICS
 
 PLOTS = ("roc", "pr", "confusion", "reliability", "training_curves")
 
@@ -41,10 +41,11 @@ def test_writes_every_plot(evaluation):
 def test_cis_contain_the_point_estimates(evaluation):
     results, out = evaluation
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["ci"]["n_resamples"] == 1000 and saved["ci"]["resampled"] == "patients (group ids)"
+    assert saved["ci"]["n_resamples"] == N_RESAMPLES >= 2000 and saved["ci"]["resampled"] == "patients (group ids)"
     checked = 0
     for kind, m in _kinds(saved).items():
         assert set(m["ci"]) == set(SCALAR_METRICS), kind
+        assert {how for name, how in m["ci_method"].items() if m["ci"][name]} <= {"BCa", "percentile"}, kind
         for name in SCALAR_METRICS:
             # ECE is left out: resampling inflates it (empty bins are not averaged away), so its percentile
             # interval can lie above the point estimate
@@ -72,7 +73,8 @@ def test_report_embeds_images_and_tabulates_metrics(evaluation):
     for heading in ("## Data", "## Configuration", "## Metrics on the test split", "## Figures",
                     "## Fused prediction", "## Warnings"):
         assert heading in md and heading[3:] in page
-    assert "Youden" in md and "splits.csv" in md and "![roc.png](roc.png)" in md
+    assert "the largest threshold reaching sensitivity 0.90" in md and "calibration split" in md
+    assert "splits.csv" in md and "![roc.png](roc.png)" in md
     assert "Data audit of 48 images: 0 duplicate pair(s) across splits" in md  # recorded by train
 
 
@@ -108,13 +110,14 @@ def test_per_source_breakdown(bundle, synth_data, tmp_path):
     assert not results["warnings"]
 
 
-def test_without_patients_the_report_calls_pseudo_pairs_what_they_are(bundle, synth_data, tmp_path):
+def test_without_patients_there_is_no_fused_result(bundle, synth_data, tmp_path):
     data = _two_source_copy(synth_data, tmp_path / "data", groups=False)
-    results = evaluate(bundle, data, tmp_path / "eval", figures=False)
-    assert results["fused"]["pairing"].startswith("same-label pseudo-pairs")
+    results = evaluate(bundle, data, tmp_path / "eval", figures=False, n_resamples=200)
+    assert "fused" not in results and results["fusion"]["n_pairs"] == 0
     assert results["ci"]["resampled"] == "images"
     md = (tmp_path / "eval" / "report.md").read_text()
-    assert "These pseudo-pairs are not patients" in md and "resamples of images" in md
+    assert "No fused (patient-level) result" in md and "resamples of images" in md
+    assert "| Metric | X-ray | CT |" in md and "| Metric | X-ray | CT | Fused |" not in md
 
 
 def test_warns_when_test_images_were_trained_on(bundle, synth_data, tmp_path):

@@ -184,14 +184,14 @@ def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_bootstrap_contains_point_estimate_and_narrows_with_more_data():
     y, p = _data(400, 1)
-    small = bootstrap_ci(y, p, n_resamples=500)
+    small = bootstrap_ci(y, p, n_resamples=500).intervals
     point = binary_metrics(y, p)
     assert set(small) == set(SCALAR_METRICS)
     for key in SCALAR_METRICS:
         low, high = small[key]
         assert low <= point[key] <= high, key
     y, p = _data(4000, 2)
-    large = bootstrap_ci(y, p, n_resamples=500)
+    large = bootstrap_ci(y, p, n_resamples=500).intervals
     for key in SCALAR_METRICS:
         assert large[key][1] - large[key][0] < 0.6 * (small[key][1] - small[key][0]), key
 
@@ -207,9 +207,9 @@ def test_group_bootstrap_resamples_whole_groups():
     # CI about sqrt(5) too narrow; resampling patients gives the width of the original 300 cases.
     y, p = _data(300, 7)
     y5, p5, patient = np.repeat(y, 5), np.repeat(p, 5), np.repeat(np.arange(300), 5)
-    naive = bootstrap_ci(y5, p5, n_resamples=500)
-    grouped = bootstrap_ci(y5, p5, groups=patient, n_resamples=500)
-    original = bootstrap_ci(y, p, n_resamples=500)
+    naive = bootstrap_ci(y5, p5, n_resamples=500).intervals
+    grouped = bootstrap_ci(y5, p5, groups=patient, n_resamples=500).intervals
+    original = bootstrap_ci(y, p, n_resamples=500).intervals
     for key in ("accuracy", "sensitivity", "roc_auc", "brier"):
         width = {name: ci[key][1] - ci[key][0] for name, ci in
                  (("naive", naive), ("grouped", grouped), ("original", original))}
@@ -218,12 +218,12 @@ def test_group_bootstrap_resamples_whole_groups():
 
 
 def test_bootstrap_undefined_metric_gives_none():
-    ci = bootstrap_ci([0, 0, 0, 0, 0, 0], [0.1, 0.2, 0.6, 0.3, 0.7, 0.1], n_resamples=100)
+    ci = bootstrap_ci([0, 0, 0, 0, 0, 0], [0.1, 0.2, 0.6, 0.3, 0.7, 0.1], n_resamples=100).intervals
     assert ci["roc_auc"] is None and ci["sensitivity"] is None
     assert ci["accuracy"] is not None and ci["specificity"] is not None
-    # One COVID case among 40: most resamples still contain it, so the AUC CI is defined.
+    # One COVID case among 40: resampling within each class keeps it in every resample, so the AUC CI is defined.
     y = np.r_[1, np.zeros(39, dtype=int)]
-    assert bootstrap_ci(y, np.linspace(1, 0, 40), n_resamples=200)["roc_auc"] is not None
+    assert bootstrap_ci(y, np.linspace(1, 0, 40), n_resamples=200).intervals["roc_auc"] is not None
 
 
 def test_bootstrap_speed():

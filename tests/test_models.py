@@ -101,11 +101,11 @@ def test_embedding_model_learns_from_scratch_and_frozen():
     tr, va = _bright_square_images(96, 0), _bright_square_images(48, 1)
     net = EmbeddingNet("test_resnet")
     scratch = train_embedder(net, tr, va, ClassifierFit(epochs=6, patience=6, batch_size=16, lr=3e-3), frozen=False,
-                             augment=True, bf16=False, seed=0, log_path=None, desc="t")
+                             augment="affine", bf16=False, seed=0, log_path=None, desc="t")
     assert scratch.best["val_auc"] > 0.9
     before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
     frozen = train_embedder(net, tr, va, ClassifierFit(epochs=3, patience=3, batch_size=16), frozen=True,
-                            augment=False, bf16=False, seed=0, log_path=None, desc="t")
+                            augment="none", bf16=False, seed=0, log_path=None, desc="t")
     assert all(torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())
     assert frozen.best["val_auc"] > 0.9
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from respiscan import __version__
+from respiscan.calibration import IDENTITY, Calibration, OperatingPoint, ScoreCounts
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.samples import CLASS_NAMES, MODALITIES
 from respiscan.errors import RespiscanError
@@ -33,6 +34,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 SPLITS_FILE = "splits.csv"  # the samples it was trained, validated and tested on (optional)
 LOGS = "logs"  # one CSV per training stage (optional)
+OOD_FILE = "ood.safetensors"  # the shift detector's statistics (optional)
 FUSION = "mean of the per-modality probabilities"
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048  # below: nothing left to see; above: no CPU batch fits in memory
 MAX_CLAHE_TILES = 64
@@ -74,6 +76,58 @@ class OnnxExport:
     weights_sha256: str
     torch_version: str
     graphs: dict[Modality, OnnxGraph]
+    # the task-specific embedding, for the shift detector; absent from graphs exported before it existed
+    embedding_output: str | None = field(default=None, metadata={"omit_none": True})
+
+
+EngineName = Literal["torch", "onnx", "openvino"]
+TrialStatus = Literal["agrees", "disagrees", "unavailable"]
+
+
+@dataclass(frozen=True)
+class EngineTrial:
+    """One engine measured on one modality's check images (serving/engine_choice.py)."""
+
+    engine: EngineName
+    precision: Precision
+    status: TrialStatus
+    img_s: float | None = None
+    max_abs_difference: float | None = None  # largest |p - p_torch_fp32| on the check images
+    note: str = ""  # why an engine is unavailable
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The fastest engine that agrees with torch fp32 within `tolerance` on `images`: what `auto` runs."""
+
+    engine: EngineName
+    precision: Precision
+    tolerance: float
+    images: str  # what the engines were checked on
+    trials: list[EngineTrial]
+
+
+@dataclass(frozen=True)
+class OodThreshold:
+    """One modality's shift-detector threshold, set on the validation images."""
+
+    threshold: float  # the Mahalanobis distance (1 - false_alarm_rate) of the validation images stay under
+    n_train: int  # training images the statistics come from
+    n_val: int  # validation images the threshold comes from
+    val_flagged: float  # share of the validation images above it (the false-alarm rate measured)
+
+
+@dataclass(frozen=True)
+class OodDetector:
+    """The "unlike my training images" warning (serving/shift.py): Mahalanobis distance of the task-specific
+    embedding from the training images' (Ledoit-Wolf shrunk covariance), statistics in `file` (safetensors)."""
+
+    file: str  # a file name inside the bundle folder
+    sha256: str
+    false_alarm_rate: float  # on validation images, by construction of the thresholds
+    modalities: dict[Modality, OodThreshold]
+    space: str = "task-specific embedding (1280-d)"
+    method: str = "mahalanobis-ledoit-wolf"
 
 
 @dataclass(frozen=True)
@@ -121,6 +175,65 @@ class DataRecord:
         return parts
 
 
+@dataclass(frozen=True)
+class OperatingPointRecord:
+    """How a threshold was chosen: the rule, on which images, its bootstrap interval, what it reached there,
+    and those images' scores (the ROC), from which `predict --operating-point` chooses another."""
+
+    point: OperatingPoint
+    threshold: float
+    ci: list[float] | None  # 95 % percentile bootstrap interval of the threshold (patients resampled)
+    chosen_on: str
+    n: int
+    n_positive: int
+    sensitivity: float | None
+    specificity: float | None
+    scores: ScoreCounts
+
+
+Setting = Literal["in-source", "external", "unknown"]
+
+
+@dataclass(frozen=True)
+class CardResult:
+    """One measured result on the model card. "in-source": a test split of a source the bundle was trained on;
+    "external": a source it never saw; "unknown": the bundle does not record its training sources."""
+
+    setting: Setting
+    source: str
+    kind: Kind
+    method: Literal["evaluate", "crossval"]
+    data: str  # the data folders it was measured on (crossval: which fold left what out)
+    n: int
+    n_positive: int | None
+    roc_auc: float | None
+    roc_auc_ci: list[float] | None
+    sensitivity: float | None
+    sensitivity_ci: list[float] | None
+    specificity: float | None
+    specificity_ci: list[float] | None
+    threshold: float | None
+    ece: float | None
+    date: str
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """MODEL_CARD.md as data (card.py writes both). The sections are rebuilt from the config whenever the card
+    is written; `results` accumulate as evaluate and crossval measure the bundle."""
+
+    intended_use: str
+    training_data: list[str]
+    validation: list[str]
+    calibration: list[str]
+    operating_points: list[str]
+    shift_detector: str
+    limitations: list[str]
+    versions: dict[str, str]
+    results: list[CardResult] = field(default_factory=list)
+    updated: str = ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class BundleConfig:
     """config.json, typed; fields in the order they are written. Records (training, audit, validation metrics)
@@ -143,8 +256,16 @@ class BundleConfig:
     bf16_check: Bf16Check | None = None  # None: not measured, the torch engine runs fp32
     train_seconds: float | None = None
     weights_sha256: str
+    # absent in bundles trained before the shift detector existed: they report no shift score
+    ood: OodDetector | None = field(default=None, metadata={"omit_none": True})
+    # absent in bundles trained before calibration: their probabilities are the network's (identity)
+    calibration: dict[Modality, Calibration] | None = field(default=None, metadata={"omit_none": True})
+    operating_points: dict[Kind, OperatingPointRecord] | None = field(default=None, metadata={"omit_none": True})
+    model_card: ModelCard | None = field(default=None, metadata={"omit_none": True})
     # absent until exported: bundles written before `export` existed have no such key
     onnx: OnnxExport | None = field(default=None, metadata={"omit_none": True})
+    # absent until `respiscan export --choose-engine`: then `auto` runs the ONNX engine when it can
+    engines: dict[Modality, EngineChoice] | None = field(default=None, metadata={"omit_none": True})
     # keys this version does not know, at every level, as read: written back unchanged
     unknown: dict = field(default_factory=dict, compare=False, repr=False, metadata={"json": False})
 
@@ -165,6 +286,25 @@ class BundleConfig:
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, in the format's key order, with the unknown keys as they were read."""
         return dump(self, self.unknown)
+
+    def calibration_of(self, modality: str) -> Calibration:
+        """The modality's calibration map (identity for bundles that predate calibration)."""
+        return (self.calibration or {}).get(modality, IDENTITY)
+
+    def thresholds_at(self, point: OperatingPoint) -> dict[str, float]:
+        """The thresholds `point` gives on the stored calibration scores, per modality and fused (a fused
+        threshold that was the mean of the modalities' stays that mean); RespiscanError without the scores."""
+        records = self.operating_points or {}
+        missing = [m for m in self.model.modalities if m not in records]
+        if missing:
+            raise RespiscanError(f"{CONFIG}: no calibration scores for {missing[0]} (the bundle predates operating "
+                                 "points, or that split had one class); retrain to choose another operating point")
+        thresholds = {m: records[m].scores.threshold(point) for m in self.model.modalities}
+        if len(self.model.modalities) > 1:
+            fused = records.get("fused")
+            thresholds["fused"] = (fused.scores.threshold(point) if fused
+                                   else sum(thresholds.values()) / len(thresholds))
+        return thresholds
 
     def with_onnx(self, onnx: OnnxExport) -> BundleConfig:
         """A copy recording newly exported graphs (what an older export left under "onnx" is dropped)."""
@@ -230,6 +370,16 @@ class Bundle:
         checked = BundleConfig.from_dict(config.to_dict(), self.config_path)
         write_json(self.config_path, checked.to_dict())
         return Bundle(self.path, checked)
+
+
+def ood_mean_key(modality: str) -> str:
+    """Name of a modality's embedding mean in OOD_FILE."""
+    return f"{modality}.mean"
+
+
+def ood_precision_key(modality: str) -> str:
+    """Name of a modality's shrunk precision matrix in OOD_FILE."""
+    return f"{modality}.precision"
 
 
 def sha256_file(path: Path) -> str:
@@ -307,10 +457,19 @@ def _check_values(config: BundleConfig) -> None:
     for kind, threshold in config.thresholds.items():
         if not 0 <= threshold <= 1:
             raise Invalid(f"thresholds.{kind}", f"is {threshold:g}; a threshold must lie in [0, 1]")
+    for kind, record in (config.operating_points or {}).items():
+        if not 0 <= record.threshold <= 1:
+            raise Invalid(f"operating_points.{kind}.threshold", f"is {record.threshold:g}; a threshold must lie "
+                                                                "in [0, 1]")
     needed = [*model.modalities, *(["fused"] if len(model.modalities) > 1 else [])]
     missing = [k for k in needed if k not in config.thresholds]
     if missing:
         raise Invalid("thresholds", f"has no threshold for {missing[0]}")
+    if config.ood is not None and (not config.ood.file or Path(config.ood.file).name != config.ood.file):
+        raise Invalid("ood.file", f"is {config.ood.file!r}; expected a file name inside the bundle")
+    for m, limit in (config.ood.modalities.items() if config.ood else ()):
+        if not limit.threshold > 0:
+            raise Invalid(f"ood.modalities.{m}.threshold", f"is {limit.threshold:g}; a distance must be positive")
     for m, graph in (config.onnx.graphs.items() if config.onnx else ()):
         if not graph.file or Path(graph.file).name != graph.file or graph.file in (".", ".."):
             raise Invalid(f"onnx.graphs.{m}.file", f"is {graph.file!r}; expected a file name inside the bundle")

@@ -19,6 +19,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 _state = {"debug": False}
 
 
+CROP_HELP = ("ct_body (the presets'): crop CT to the patient's outline, blanking frames, text and the table "
+             "outside it; body: both modalities; none.")
+AUGMENT_HELP = "Scratch backbones: affine, scanner (affine + intensity profile, resolution, noise) or none."
+BALANCE_HELP = "source_class: every (source, class) weighs the same in each stage's batches; none."
+CROSSFIT_HELP = "Share of train kept from the backbone for the MLP stages (0: off)."
+
+
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
     _state["debug"] = debug
@@ -62,7 +69,8 @@ def train(data: list[Path] = typer.Argument(..., help="Data folder(s) (reference
                                              "train/test.csv); several are read together, one source each."),
           out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
           preset: str = typer.Option("fast", help="fast (default, CPU), seed (the reference's backbones), tiny."),
-          shared: Optional[str] = typer.Option(None, help="Shared MLP: plain, adversarial or none."),
+          shared: Optional[str] = typer.Option(None, help="Shared MLP: plain, adversarial, source_adversarial "
+                                               "(against the acquisition source) or none."),
           backbone: Optional[str] = typer.Option(None, help="Backbone of every embedding model: a timm name, or "
                                                  "torchxrayvision's xrv:densenet121-res224-all (the xrv extra)."),
           image_size: Optional[int] = typer.Option(None, help="Input size in pixels (331 for NASNetLarge)."),
@@ -74,13 +82,21 @@ def train(data: list[Path] = typer.Argument(..., help="Data folder(s) (reference
           seed: int = typer.Option(0), strict: bool = typer.Option(False, help="Fail on unreadable images."),
           resume: bool = typer.Option(False, help="Continue from the last finished stage in OUT."),
           device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-          cache_dir: Optional[Path] = typer.Option(None, help="Keep preprocessed images here between runs.")) -> None:
+          cache_dir: Optional[Path] = typer.Option(None, help="Keep preprocessed images here between runs."),
+          crop: Optional[str] = typer.Option(None, help=CROP_HELP), augment: Optional[str] = typer.Option(
+              None, help=AUGMENT_HELP), balance: Optional[str] = typer.Option(None, help=BALANCE_HELP),
+          crossfit: Optional[float] = typer.Option(None, help=CROSSFIT_HELP),
+          operating_point: str = typer.Option("sensitivity=0.90", help="Threshold rule, chosen on the calibration "
+                                              "split: youden, sensitivity=T or specificity=T (default: screening, "
+                                              "sensitivity 0.90).")) -> None:
     """Train every stage and write a self-contained bundle."""
     from respiscan.training.config import preset as make_preset
     from respiscan.training.trainer import train as run_train
 
     cfg = make_preset(preset).with_overrides(seed=seed, shared=shared, backbone=backbone, image_size=image_size,
-                                             epochs=epochs, pretrained=str(weights) if weights else pretrained)
+                                             epochs=epochs, pretrained=str(weights) if weights else pretrained,
+                                             operating_point=operating_point)
+    cfg = cfg.with_site_methods(crop=crop, augment=augment, balance=balance, crossfit=crossfit)
     bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
     typer.echo(f"bundle written to {bundle}")
 
@@ -92,20 +108,30 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             data: Optional[Path] = typer.Option(None, help="Batch: a data folder/manifest, or a plain folder with "
                                                            "--modality."),
             modality: Optional[str] = typer.Option(None, help="Modality of a plain image folder given to --data."),
-            out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv); "
-                                                          "with a CT volume: its per-slice scores."),
+            out: Optional[Path] = typer.Option(None, help="Batch: CSV to write (default predictions.csv; a rerun "
+                                                          "skips the ids already in it); with a CT volume: its "
+                                                          "per-slice scores."),
             as_json: bool = typer.Option(False, "--json", help="One JSON object per case."),
-            engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
+            engine: str = typer.Option("auto", help="torch, onnx, openvino, or auto (the engine `export "
+                                                    "--choose-engine` recorded, else onnx when exported)."),
             explain: Optional[Path] = typer.Option(None, help="Write Grad-CAM overlays of each input image here."),
-            strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
+            strict: bool = typer.Option(False, help="Fail on unreadable images."),
+            tta: int = typer.Option(1, help="Average this many test-time augmentations (small affine and "
+                                            "intensity changes, no flips) and report their spread; 1: off."),
+            operating_point: Optional[str] = typer.Option(None, help="For this run, thresholds by another rule "
+                                                          "on the bundle's calibration scores: youden, "
+                                                          "sensitivity=T or specificity=T.")) -> None:
     """Predict one case (--xray and/or --ct) or a batch (--data)."""
     from respiscan.serving import load as load_pipeline
 
     if data is None and xray is None and ct is None:
         raise RespiscanError("give --xray and/or --ct, or --data for a batch")
     pipe = load_pipeline(bundle, engine)
+    if operating_point:
+        pipe.use_operating_point(operating_point)
     if data is None:
-        result = pipe.predict(xray=xray, ct=ct)
+        result = pipe.predict(xray=xray, ct=ct, tta=tta)
+        _warn_shift(result)
         if explain:
             from respiscan.serving.explain import explain as write_gradcam
             from respiscan.serving.torch_engine import Pipeline
@@ -124,59 +150,82 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
             return
         for m in ("xray", "ct"):
             if result[f"{m}_probability"] is not None:
-                typer.echo(f"{m:5s} p(COVID) = {result[f'{m}_probability']:.4f}")
+                spread = f" (TTA x{tta}, sd {result[f'{m}_tta_std']:.4f})" if f"{m}_tta_std" in result else ""
+                typer.echo(f"{m:5s} p(COVID) = {result[f'{m}_probability']:.4f}{spread}")
         if "ct_volume" in result:
             v = result["ct_volume"]
             typer.echo(f"      CT volume: {v['n_lung_slices']} of {v['n_slices']} slices contain lung; "
                        f"{v['aggregation']} (k={v['k']})")
-        typer.echo(f"label: {result['label']} (p = {result['probability']:.4f}, threshold {result['threshold']:.3f})")
+        typer.echo(f"label: {result['label']} (p = {result['probability']:.4f}, threshold {result['threshold']:.3f}, "
+                   f"operating point {result['operating_point']})")
         for path in result.get("explanations", []):
             typer.echo(f"Grad-CAM: {path}")
         return
-    from respiscan.data.samples import discover, folder_samples
-    from respiscan.serving.pipeline import write_predictions
+    from respiscan.serving.stream import stream_predictions
 
-    samples = folder_samples(data, modality) if modality else discover(data)
-    rows, skipped = pipe.predict_samples(samples, strict=strict)
-    _report_skipped(skipped)
     target = out or Path("predictions.csv")
-    write_predictions(target, rows)
-    if as_json:
-        for r in rows:
-            typer.echo(json.dumps(r))
-    typer.echo(f"{len(rows)} predictions written to {target}", err=as_json)
+    result = stream_predictions(pipe, data, target, modality=modality, strict=strict, tta=tta)
+    _report_skipped(result.skipped)
+    if result.flagged:
+        typer.echo(f"warning: {result.flagged} image(s) are unlike the bundle's training images "
+                   f"(in_distribution false in {target}): do not trust their predictions", err=True)
+    if result.total and as_json:
+        import csv
+
+        with open(target, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                typer.echo(json.dumps(r))
+    resumed = f" ({result.already} kept from an earlier run)" if result.already else ""
+    if result.total:  # rank 0 under torchrun, or the only process
+        typer.echo(f"{result.total} predictions written to {target}{resumed}", err=as_json)
 
 
 @app.command()
 def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
              data: list[Path] = typer.Argument(..., help="Data folder(s) or manifest(s); their test split is used."),
              out: Optional[Path] = typer.Option(None, help="Output folder (default BUNDLE/evaluation)."),
-             strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
+             strict: bool = typer.Option(False, help="Fail on unreadable images."),
+             prevalence: Optional[float] = typer.Option(None, help="COVID share where the bundle is deployed "
+                                                        "(0-1): report PPV and NPV at it.")) -> None:
     """Metrics on the test split, per modality and fused (COVID is the positive class)."""
     from respiscan.evaluation.evaluate import evaluate as run_evaluate
 
-    results = run_evaluate(bundle, data, out, strict=strict)
+    results = run_evaluate(bundle, data, out, strict=strict, prevalence=prevalence)
     _report_skipped([(s["id"], s["reason"]) for s in results["skipped"]])
     for name, m in [*results["modalities"].items(), *([("fused", results["fused"])] if "fused" in results else [])]:
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
+        flagged = f" shift-flagged={m['shift_flagged']:.3f}" if m.get("shift_flagged") is not None else ""
         typer.echo(f"{name:5s} n={m['n']:4d} AUC={auc} acc={m['accuracy']:.3f} sens={_fmt(m['sensitivity'])} "
-                   f"spec={_fmt(m['specificity'])} F1={_fmt(m['f1'])}")
+                   f"spec={_fmt(m['specificity'])} F1={_fmt(m['f1'])}{flagged}")
+        cal = m["calibration"]
+        typer.echo(f"      calibration ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f}, log-loss "
+                   f"{cal['before']['log_loss']:.3f} -> {cal['after']['log_loss']:.3f}")
+        for target, v in m["at_sensitivity"].items():
+            typer.echo(f"      at sensitivity {target} (threshold {v['threshold']:.3f} from calibration): "
+                       f"sens={_fmt(v['sensitivity'])} spec={_fmt(v['specificity'])}")
+        if "at_prevalence" in m:
+            v = m["at_prevalence"]
+            typer.echo(f"      at prevalence {v['prevalence']:g}: PPV={_fmt(v['ppv'])} NPV={_fmt(v['npv'])}")
     typer.echo(f"written to {out or Path(bundle) / 'evaluation'} (report: {results['report']['html']})")
 
 
 @app.command()
 def audit(data: list[Path] = typer.Argument(..., help="Data folder(s) or manifest(s); several are audited together."),
           out: Optional[Path] = typer.Option(None, help="Folder for audit.json."),
-          near_threshold: int = typer.Option(2, help="Largest perceptual-hash distance counted as a near duplicate."),
-          strict: bool = typer.Option(False, help="Exit 2 when an image appears in two splits.")) -> None:
-    """Duplicates across splits, class balance per split and source, source/label confounds."""
+          similarity: Optional[float] = typer.Option(None, help="Aligned similarity (0.83-1) from which two images "
+                                                     "count as near-duplicates [default: 0.88]."),
+          as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON instead of a summary."),
+          strict: bool = typer.Option(False, help="Exit 2 on a label conflict, a copy across splits or a group in "
+                                      "two splits.")) -> None:
+    """Copies and patients across splits, label conflicts, shortcut baselines, class balance, source confounds."""
+    from respiscan.data.audit import NEAR_SIMILARITY, check_strict, format_audit
     from respiscan.data.audit import audit as run_audit
-    from respiscan.data.audit import check_strict, format_audit
     from respiscan.data.samples import discover
     from respiscan.utils import write_json
 
-    result = run_audit(discover(data), near_threshold=near_threshold)
-    typer.echo(format_audit(result))
+    result = run_audit(discover(data), similarity=NEAR_SIMILARITY if similarity is None else similarity,
+                       progress=not as_json)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_audit(result))
     if out:
         write_json(Path(out) / "audit.json", result)
     if strict:
@@ -193,15 +242,24 @@ def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each f
              preset: str = typer.Option("fast", help="Training preset of every fold."),
              epochs: Optional[int] = typer.Option(None, help="Maximum epochs of the embedding-model stage."),
              seed: int = typer.Option(0),
+             shared: Optional[str] = typer.Option(None, help="Shared MLP: plain, adversarial, source_adversarial "
+                                                  "or none."),
+             crop: Optional[str] = typer.Option(None, help=CROP_HELP), augment: Optional[str] = typer.Option(
+                 None, help=AUGMENT_HELP), balance: Optional[str] = typer.Option(None, help=BALANCE_HELP),
+             crossfit: Optional[float] = typer.Option(None, help=CROSSFIT_HELP),
+             modality: Optional[str] = typer.Option(None, help="Cross-validate this modality only (xray or ct)."),
              resume: bool = typer.Option(False, help="Reuse finished folds and stages in OUT.")) -> None:
     """External validation: one model per fold, each scored on the source (or groups) it left out."""
+    from respiscan.data.samples import parse_modality
     from respiscan.experiments.crossval import BY, run_crossval
     from respiscan.training.config import preset as make_preset
 
     if by not in BY:
         raise RespiscanError(f"unknown --by {by!r}; accepted: {', '.join(BY)}")
-    result = run_crossval(data, out, make_preset(preset).with_overrides(seed=seed, epochs=epochs), by=by,
-                          folds=folds, resume=resume)
+    cfg = make_preset(preset).with_overrides(seed=seed, epochs=epochs, shared=shared).with_site_methods(
+        crop=crop, augment=augment, balance=balance, crossfit=crossfit)
+    result = run_crossval(data, out, cfg, by=by, folds=folds, resume=resume,
+                          modality=parse_modality(modality, "--modality") if modality else None)
     for r in result["folds"]:
         typer.echo(f"{r['held_out']:28s} {r['modality']:5s} n={r['n']:4d} AUC={_fmt(r['auc'])} "
                    f"sens={_fmt(r['sensitivity'])} spec={_fmt(r['specificity'])} ECE={_fmt(r['ece'])} "
@@ -215,12 +273,12 @@ def significance(data: Path = typer.Argument(..., help="Data folder or manifest.
                  runs: int = typer.Option(5, help="Seeds per configuration (at least 2)."),
                  preset: str = typer.Option("fast", help="Training preset of every run."),
                  seed: int = typer.Option(0, help="First seed.")) -> None:
-    """Full model vs task-specific only vs adversarial shared, over seeds: ANOVA, paired, DeLong, McNemar."""
-    from respiscan.experiments.significance import run_significance
+    """Full model vs task-specific only vs adversarial shared, over seeds: Friedman, paired, DeLong, McNemar (Holm)."""
+    from respiscan.experiments.significance import PRIMARY, run_significance
     from respiscan.training.config import preset as make_preset
 
     summary = run_significance(data, out, runs, make_preset(preset).with_overrides(seed=seed))
-    for m, result in summary["anova"].items():
+    for m, result in summary["paired"][PRIMARY].items():
         typer.echo(f"{m}: {result['sentence']}")
     typer.echo(f"summary: {Path(out) / 'summary.md'}")
 
@@ -236,12 +294,20 @@ def demo(out: Path = typer.Option(Path("respiscan-demo"), help="Folder for the d
 
 @app.command()
 def export(bundle: Path = typer.Argument(..., help="Bundle folder."),
-           opset: int = typer.Option(17, help="ONNX opset.")) -> None:
+           opset: int = typer.Option(17, help="ONNX opset."),
+           choose_engine: bool = typer.Option(False, help="Also time torch, onnxruntime and OpenVINO on validation "
+                                              "images and record, per modality, the fastest that agrees with "
+                                              "torch fp32 (the `auto` engine then runs it).")) -> None:
     """Write the bundle's network as ONNX graphs (one per modality) for fast, torch-free prediction."""
     from respiscan.serving.export import export_onnx
 
     for modality, path in export_onnx(bundle, opset=opset).items():
         typer.echo(f"{modality}: {path}")
+    if choose_engine:
+        from respiscan.serving.engine_choice import describe_choice, record_engine_choice
+
+        for modality, choice in record_engine_choice(bundle).items():
+            typer.echo(f"{modality}: {describe_choice(choice)}")
 
 
 @app.command()
@@ -269,7 +335,12 @@ def info(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     typer.echo(f"backbones     task {model.task_backbones}; shared {model.shared_backbones or 'same as task'}")
     typer.echo(f"shared MLP    {model.shared}")
     typer.echo(f"preprocess    {asdict(config.preprocess)}")
-    typer.echo(f"thresholds    {config.thresholds} (chosen on validation)")
+    typer.echo(f"thresholds    {config.thresholds}")
+    for kind, record in (config.operating_points or {}).items():
+        typer.echo(f"operating     {kind}: {record.point} on the {record.chosen_on}")
+    for m in model.modalities:
+        c = config.calibration_of(m)
+        typer.echo(f"calibration   {m}: {c.method} (slope {c.slope:.3f}, intercept {c.intercept:.3f})")
     typer.echo(f"data          {data.path}  {asdict(data.fingerprint)}")
     typer.echo(f"data counts   {data.counts}")
     typer.echo(f"sources       {data.transfer_note()}")
@@ -284,11 +355,78 @@ def info(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
                f"{check.tolerance:g}): the torch engine runs {check.prediction_default}"))
     typer.echo("onnx          " + (f"graphs for {', '.join(config.onnx.graphs)} (opset {config.onnx.opset})"
                                    if config.onnx else "not exported (`respiscan export` writes the graphs)"))
+    typer.echo("engines       " + ("; ".join(f"{m}: {c.engine} {c.precision}" for m, c in config.engines.items())
+                                   if config.engines else "not chosen (`respiscan export --choose-engine` times them)"))
+    ood = config.ood
+    typer.echo("shift         " + ("none (the bundle predates the shift detector)" if ood is None else
+               f"{ood.method} on the {ood.space}; flags {ood.false_alarm_rate:.0%} of validation images by design ("
+               + ", ".join(f"{m}: {t.val_flagged:.1%} of {t.n_val}" for m, t in ood.modalities.items()) + ")"))
     typer.echo(f"weights       sha256 {config.weights_sha256}")
+
+
+@app.command()
+def card(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
+    """The bundle's model card: intended use, data, validation, results, calibration, limitations."""
+    from respiscan.bundle import Bundle
+    from respiscan.card import build_card, render_card
+
+    opened = Bundle.open(bundle)
+    typer.echo(render_card(opened.config.model_card or build_card(opened), opened.config))
+
+
+@app.command()
+def serve(bundle: Path = typer.Argument(..., help="Bundle folder."),
+          host: str = typer.Option("127.0.0.1", help="Address to bind; any but loopback needs --token-file."),
+          port: int = typer.Option(8000, help="TCP port (0: any free one, printed)."),
+          token_file: Optional[Path] = typer.Option(None, help="Bearer tokens, one `NAME TOKEN` line each; "
+                                                    "every /v1 request then needs one."),
+          workers: int = typer.Option(2, help="Inference threads."),
+          engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
+          audit_log: Path = typer.Option(Path("respiscan-audit.jsonl"), help="Append-only JSON-lines audit log."),
+          max_body_mb: int = typer.Option(64, help="Largest request body, in MiB (larger: 413).")) -> None:
+    """REST API (/v1, OpenAPI at /docs) and a web page at / (the serve extra); SIGTERM finishes in-flight requests."""
+    from respiscan.serving.server import Limits
+    from respiscan.serving.server import serve as run_server
+
+    run_server(bundle, host=host, port=port, token_file=token_file, workers=workers, engine=engine,
+               audit_log=audit_log, limits=Limits(max_body_bytes=max_body_mb * 2**20), announce=typer.echo)
+
+
+@app.command()
+def listen(bundle: Path = typer.Argument(..., help="Bundle folder."),
+           port: int = typer.Option(11112, help="TCP port to listen on."),
+           ae_title: str = typer.Option("RESPISCAN", "--ae-title", help="This receiver's AE title."),
+           forward: Optional[str] = typer.Option(None, help="Send each SR by C-STORE to HOST:PORT:AET."),
+           out: Path = typer.Option(Path("respiscan-sr"), help="Folder for the SRs (one subfolder per study)."),
+           host: str = typer.Option("127.0.0.1", help="Address to bind; DICOM has no authentication."),
+           series_timeout: float = typer.Option(10.0, help="Seconds without a new instance after which a CT "
+                                                "series is complete (else: when the sender releases)."),
+           engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported).")
+           ) -> None:
+    """DICOM C-STORE receiver: a Structured Report for each X-ray instance and CT series received."""
+    import logging
+
+    from respiscan.serving import load as load_pipeline
+    from respiscan.serving.listen import ListenConfig, Peer
+    from respiscan.serving.listen import listen as receive
+
+    config = ListenConfig(out=out, port=port, host=host, ae_title=ae_title, series_timeout=series_timeout,
+                          forward=Peer.parse(forward) if forward else None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    receive(load_pipeline(bundle, engine), config)
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+def _warn_shift(result: dict) -> None:
+    """One line on stderr per input that the bundle's shift detector finds unlike its training images."""
+    for m, name in (("xray", "X-ray"), ("ct", "CT")):
+        if result.get(f"{m}_in_distribution") is False:
+            typer.echo(f"warning: the {name} input is unlike the bundle's training {name} images (shift score "
+                       f"{result[f'{m}_ood_score']:.2f} > 1; wrong modality, another kind of image or another "
+                       "site?): do not trust this prediction", err=True)
 
 
 def _report_skipped(skipped: list[tuple[str, str]]) -> None:

@@ -32,6 +32,10 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
     # decoders that pydicom imports itself: JPEG (baseline, extended, lossless, JPEG-LS), JPEG 2000 and HTJ2K
     Extra("dicom", {"pylibjpeg": "pylibjpeg", "libjpeg": "pylibjpeg-libjpeg", "openjpeg": "pylibjpeg-openjpeg"}),
     Extra("xrv", {"torchxrayvision": "torchxrayvision"}),  # chest X-ray backbones, xrv:densenet121-res224-*
+    # `respiscan serve` (the REST API, its page, offline OpenAPI docs), DICOM SR out and `listen`
+    Extra("serve", {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart",
+                    "fastapi_offline": "fastapi-offline", "highdicom": "highdicom", "pynetdicom": "pynetdicom"}),
+    Extra("openvino", {"openvino": "openvino"}),  # the OpenVINO engine, one of those `export --choose-engine` times
 )}
 
 

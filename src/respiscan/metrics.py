@@ -12,11 +12,22 @@ scikit-learn warning, so that reports stay JSON-serialisable and honest.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score
 
+from respiscan.calibration import (
+    EPS,
+    Calibration,
+    CalibrationMethod,
+    OperatingPoint,
+    ScoreCounts,
+    floor_scores,
+    thresholds_for,
+)
 from respiscan.errors import RespiscanError
 
 SCALAR_METRICS = (
@@ -37,6 +48,8 @@ _CAUSES = {
 }
 ECE_BINS = 10
 _MIN_DEFINED_FRACTION = 0.5  # bootstrap: a CI from fewer defined resamples would be conditioned on luck
+N_RESAMPLES = 2000  # bootstrap resamples: enough for stable BCa bounds at 95 %
+_JACKKNIFE_UNITS = 200  # BCa acceleration: beyond this many groups, leave out blocks of groups instead
 
 
 def check_labels(values, name: str = "y_true") -> np.ndarray:
@@ -222,13 +235,104 @@ def _weighted_metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, weights
     return out
 
 
-def bootstrap_ci(y_true, prob, threshold: float = 0.5, groups=None, n_resamples: int = 1000,
-                 confidence: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float] | None]:
-    """Percentile bootstrap CI of every scalar metric, keyed as in SCALAR_METRICS.
+CIMethod = Literal["BCa", "percentile"]
 
-    With `groups` (one id per sample, e.g. patient) whole groups are resampled, since slices or views of
-    one patient are not independent and treating them so gives falsely narrow intervals. Resamples where
-    a metric is undefined are skipped for it; the CI is None when fewer than half remain.
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Bootstrap intervals of every scalar metric (keyed as SCALAR_METRICS; None where undefined) and the
+    method that gave each: "BCa" where its bias correction and acceleration are defined, else "percentile"."""
+    intervals: dict[str, tuple[float, float] | None]
+    methods: dict[str, CIMethod | None]
+
+
+def _clusters_and_strata(y: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster index per sample (its group, or itself without groups) and stratum per cluster: 0 all
+    Non_COVID, 1 all COVID, 2 both, so that every resample keeps the test set's class mix."""
+    if groups is None:
+        index = np.arange(len(y))
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != y.shape:
+            raise RespiscanError(f"groups has shape {groups.shape} but y_true has {y.shape}")
+        index = np.unique(groups, return_inverse=True)[1]
+    n_clusters = int(index.max()) + 1
+    positives = np.bincount(index, weights=y, minlength=n_clusters)
+    sizes = np.bincount(index, minlength=n_clusters)
+    return index, np.where(positives == 0, 0, np.where(positives == sizes, 1, 2))
+
+
+def _jackknife_units(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Jackknife unit per cluster: the cluster itself, or beyond _JACKKNIFE_UNITS clusters random blocks of
+    clusters within a stratum (about _JACKKNIFE_UNITS in all). A block's left-out sum of independent
+    influences has the same expected skewness per case, so the acceleration estimate stays unbiased at a
+    fraction of the cost of leaving out each of thousands of cases."""
+    if len(strata) <= _JACKKNIFE_UNITS:
+        return np.arange(len(strata))
+    units = np.empty(len(strata), dtype=np.int64)
+    first = 0
+    for stratum in np.unique(strata):
+        members = rng.permutation(np.flatnonzero(strata == stratum))
+        n_blocks = max(2, math.ceil(_JACKKNIFE_UNITS * len(members) / len(strata)))
+        for block, chunk in enumerate(np.array_split(members, min(n_blocks, len(members)))):
+            units[chunk] = first + block
+        first += min(n_blocks, len(members))
+    return units
+
+
+def _metrics_by_rows(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, n_rows: int,
+                     rows: Callable[[int, int], np.ndarray]) -> dict[str, np.ndarray]:
+    """_weighted_metrics over `n_rows` weight rows, built `rows(start, stop)` a chunk at a time, since the
+    rows x samples weight matrix of thousands of resamples would not fit in memory at once."""
+    chunk = max(1, 2_000_000 // len(y))
+    parts = [_weighted_metrics(y, prob, pred, rows(start, min(start + chunk, n_rows)))
+             for start in range(0, n_rows, chunk)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in SCALAR_METRICS}
+
+
+def _bca_levels(draws: np.ndarray, point: float, jackknife: np.ndarray, strata: np.ndarray,
+                confidence: float) -> tuple[float, float] | None:
+    """The two BCa quantile levels (Efron & Tibshirani 1993, 14.3), or None where BCa is undefined: an
+    undefined point, resample or leave-one-group-out value, a bootstrap distribution entirely on one side
+    of the estimate, or no jackknife spread. The acceleration sums the jackknife over each stratum as
+    scipy.stats.bootstrap does over its samples; ties with the estimate count half in the bias correction."""
+    from scipy.special import ndtr, ndtri
+
+    if np.isnan(point) or np.isnan(draws).any() or np.isnan(jackknife).any():
+        return None
+    share = (np.count_nonzero(draws < point) + np.count_nonzero(draws <= point)) / (2 * len(draws))
+    if not 0 < share < 1:
+        return None
+    z0 = float(ndtri(share))
+    numerator = denominator = 0.0
+    for stratum in np.unique(strata):
+        values = jackknife[strata == stratum]
+        n = len(values)
+        u = (n - 1) * (values.mean() - values)
+        numerator += float(np.sum(u ** 3)) / n ** 3
+        denominator += float(np.sum(u ** 2)) / n ** 2
+    if denominator <= 1e-24:
+        return None
+    acceleration = numerator / (6 * denominator ** 1.5)
+    levels = []
+    for z in (ndtri((1 - confidence) / 2), ndtri((1 + confidence) / 2)):
+        shrink = 1 - acceleration * (z0 + z)
+        if shrink <= 0:
+            return None
+        levels.append(float(ndtr(z0 + (z0 + z) / shrink)))
+    return levels[0], levels[1]
+
+
+def bootstrap_ci(y_true, prob, threshold: float = 0.5, groups=None, n_resamples: int = N_RESAMPLES,
+                 confidence: float = 0.95, seed: int = 0) -> BootstrapCI:
+    """Bootstrap CI of every scalar metric: BCa where defined, percentile otherwise (`methods` says which).
+
+    Resampling is stratified by class: COVID and Non_COVID cases (or groups; groups holding both classes are
+    a third stratum) are drawn separately, so that every resample has the test set's class mix and the AUC
+    stays defined. With `groups` (one id per sample, e.g. patient) whole groups are resampled, and the BCa
+    acceleration leaves one group out at a time, since slices or views of one patient are not independent
+    and treating them so gives falsely narrow intervals. Resamples where a metric is undefined are skipped
+    for it (its interval is then percentile); the CI is None when fewer than half remain.
     """
     y, p = check_binary_inputs(y_true, prob)
     threshold = _check_threshold(threshold)
@@ -236,40 +340,47 @@ def bootstrap_ci(y_true, prob, threshold: float = 0.5, groups=None, n_resamples:
         raise RespiscanError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     if not 0 < confidence < 1:
         raise RespiscanError(f"confidence must be between 0 and 1, got {confidence!r}")
-    if groups is None:
-        group_index, n_groups = np.arange(len(y)), len(y)
-    else:
-        groups = np.asarray(groups)
-        if groups.shape != y.shape:
-            raise RespiscanError(f"groups has shape {groups.shape} but y_true has {y.shape}")
-        _, group_index = np.unique(groups, return_inverse=True)
-        n_groups = int(group_index.max()) + 1
-
+    index, strata = _clusters_and_strata(y, groups)
+    n_clusters = len(strata)
+    members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     pred = (p >= threshold).astype(float)
     rng = np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // len(y))  # bounds memory of the resamples x samples weight matrix
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        group_counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=size)
-        parts.append(_weighted_metrics(y, p, pred, group_counts[:, group_index].astype(float)))
 
-    tail = 100 * (1 - confidence) / 2
-    result: dict[str, tuple[float, float] | None] = {}
+    def resamples(start: int, stop: int) -> np.ndarray:
+        counts = np.zeros((stop - start, n_clusters))
+        for cluster in members:
+            counts[:, cluster] = rng.multinomial(len(cluster), np.full(len(cluster), 1.0 / len(cluster)),
+                                                 size=stop - start)
+        return counts[:, index]
+
+    draws = _metrics_by_rows(y, p, pred, n_resamples, resamples)
+    units = _jackknife_units(strata, rng)
+    unit_of_sample = units[index]
+    unit_strata = np.zeros(int(units.max()) + 1, dtype=np.int64)
+    unit_strata[units] = strata
+
+    def left_out(start: int, stop: int) -> np.ndarray:
+        return (unit_of_sample[None, :] != np.arange(start, stop)[:, None]).astype(float)
+
+    points = _weighted_metrics(y, p, pred, np.ones((1, len(y))))
+    jackknife = _metrics_by_rows(y, p, pred, len(unit_strata), left_out)
+    tail = (1 - confidence) / 2
+    intervals: dict[str, tuple[float, float] | None] = {}
+    methods: dict[str, CIMethod | None] = {}
     for name in SCALAR_METRICS:
-        values = np.concatenate([part[name] for part in parts])
-        values = values[~np.isnan(values)]
+        values = draws[name][~np.isnan(draws[name])]
         if len(values) < _MIN_DEFINED_FRACTION * n_resamples:
-            result[name] = None
-        else:
-            low, high = np.percentile(values, [tail, 100 - tail])
-            result[name] = (float(low), float(high))
-    return result
+            intervals[name], methods[name] = None, None
+            continue
+        levels = _bca_levels(draws[name], float(points[name][0]), jackknife[name], unit_strata, confidence)
+        low, high = np.percentile(values, [100 * q for q in (levels or (tail, 1 - tail))])
+        intervals[name], methods[name] = (float(low), float(high)), "BCa" if levels else "percentile"
+    return BootstrapCI(intervals, methods)
 
 
 def choose_threshold(y_true, prob, method: Literal["youden", "sensitivity"] = "youden",
                      target_sensitivity: float | None = None) -> float:
-    """Operating threshold picked on the validation split (never the test split, or the test is biased).
+    """Operating threshold picked on held-out data (never the test split, or the test is biased).
 
     "youden": the ROC point maximising sensitivity + specificity - 1 (ties: the largest threshold).
     "sensitivity": the largest threshold whose sensitivity reaches `target_sensitivity`, e.g. for a
@@ -286,10 +397,108 @@ def choose_threshold(y_true, prob, method: Literal["youden", "sensitivity"] = "y
             raise RespiscanError(f"method='sensitivity' needs target_sensitivity in (0, 1], got {target_sensitivity!r}")
     else:
         raise RespiscanError(f"unknown threshold method {method!r}; use 'youden' or 'sensitivity'")
-    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
-    # Index 0 is sklearn's "predict nothing" point at threshold inf; thresholds decrease from there.
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
-    if method == "youden":
-        youden = np.round(tpr - fpr, 12)  # .8 - .2 and .6 - 0 must tie, so the largest threshold wins
-        return float(thresholds[np.argmax(youden)])
-    return float(thresholds[np.argmax(tpr >= target_sensitivity)])
+    scores, index = np.unique(p, return_inverse=True)
+    counts = [np.bincount(index, weights=w, minlength=len(scores)) for w in (y, 1 - y)]
+    return float(thresholds_for(scores, *counts, OperatingPoint(method, target_sensitivity))[0])
+
+
+def operating_threshold(y_true, prob, point: OperatingPoint, groups=None, n_resamples: int = 1000,
+                        confidence: float = 0.95, seed: int = 0) -> ChosenThreshold:
+    """`point`'s threshold on these scores, with the percentile bootstrap interval of the threshold itself
+    (whole groups resampled, as in `bootstrap_ci`), and the sensitivity and specificity it reaches here."""
+    y, p = check_binary_inputs(y_true, prob)
+    counts = ScoreCounts.of(y, p)
+    threshold = counts.threshold(point)
+    scores, index = np.unique(floor_scores(p), return_inverse=True)
+    group_index = np.unique(np.asarray(groups) if groups is not None else np.arange(len(y)), return_inverse=True)[1]
+    n_groups = int(group_index.max()) + 1
+    rng = np.random.default_rng(seed)
+    onehot = np.zeros((len(y), len(scores)))
+    onehot[np.arange(len(y)), index] = 1.0
+    weights = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples)[:, group_index]
+    drawn = thresholds_for(scores, weights @ (onehot * y[:, None]), weights @ (onehot * (1 - y)[:, None]), point)
+    drawn = drawn[~np.isnan(drawn)]
+    tail = 100 * (1 - confidence) / 2
+    ci = (None if len(drawn) < _MIN_DEFINED_FRACTION * n_resamples
+          else [float(v) for v in np.percentile(drawn, [tail, 100 - tail])])
+    reached = binary_metrics(y, p, threshold)
+    return ChosenThreshold(point, threshold, ci, len(y), int(y.sum()), reached["sensitivity"],
+                           reached["specificity"], counts)
+
+
+@dataclass(frozen=True)
+class ChosenThreshold:
+    point: OperatingPoint
+    threshold: float
+    ci: list[float] | None  # the threshold's bootstrap interval; None when too few resamples hold both classes
+    n: int
+    n_positive: int
+    sensitivity: float | None  # reached on the images it was chosen on
+    specificity: float | None
+    scores: ScoreCounts
+
+
+def log_loss(y_true, prob) -> float:
+    """Mean negative log-likelihood of the labels (natural log); probabilities clipped to [1e-15, 1 - 1e-15]."""
+    y, p = check_binary_inputs(y_true, prob)
+    p = np.clip(p, 1e-15, 1 - 1e-15)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def calibration_scores(y_true, prob) -> dict[str, float]:
+    """The three calibration measures evaluate reports before and after calibration (lower is better)."""
+    y, p = check_binary_inputs(y_true, prob)
+    return {"ece": expected_calibration_error(y, p), "brier": float(brier_score_loss(y, p, pos_label=1)),
+            "log_loss": log_loss(y, p)}
+
+
+def fit_calibration(y_true, prob, method: CalibrationMethod = "platt", fitted_on: str = "") -> Calibration:
+    """A calibration map fitted on held-out (y, p): "platt" (slope and intercept on the logit) or "temperature"
+    (slope only). Both use Platt's smoothed targets, (n+ + 1) / (n+ + 2) and 1 / (n- + 2), so that a small or
+    separable calibration set cannot drive the map to infinite confidence. A Platt fit that would invert the
+    ranking (slope <= 0: the model is worse than chance on these images) falls back to temperature scaling."""
+    from scipy.optimize import minimize, minimize_scalar
+
+    y, p = check_binary_inputs(y_true, prob)
+    n_pos, n = int(y.sum()), len(y)
+    if not 0 < n_pos < n:
+        raise RespiscanError("fitting a calibration needs both COVID and Non_COVID cases")
+    if method == "identity":
+        return Calibration("identity", fitted_on=fitted_on, n=n, n_positive=n_pos)
+    clipped = np.clip(p, EPS, 1 - EPS)
+    z = np.log(clipped) - np.log1p(-clipped)
+    target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n - n_pos + 2))
+    if method == "platt":
+        # cross-entropy against the soft targets, minimised in numpy with its exact gradient: scikit-learn's
+        # logistic regression sums in parallel threads, so the same data gave maps differing in the 14th digit
+        def platt_loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
+            logit = ab[0] * z + ab[1]
+            loss = np.mean(np.logaddexp(0.0, logit) - target * logit)
+            residual = 1 / (1 + np.exp(-logit)) - target
+            return float(loss), np.array([np.mean(residual * z), np.mean(residual)])
+
+        best_ab = minimize(platt_loss, np.array([1.0, 0.0]), jac=True, method="BFGS", options={"gtol": 1e-10}).x
+        slope, intercept = float(best_ab[0]), float(best_ab[1])
+        if slope > 0:
+            return Calibration("platt", slope, intercept, fitted_on, n, n_pos)
+    elif method != "temperature":
+        raise RespiscanError(f"unknown calibration method {method!r}; accepted: platt, temperature, identity")
+
+    def loss(log_slope: float) -> float:
+        q = np.clip(1 / (1 + np.exp(-np.exp(log_slope) * z)), 1e-15, 1 - 1e-15)
+        return float(-np.mean(target * np.log(q) + (1 - target) * np.log1p(-q)))
+
+    best = minimize_scalar(loss, bounds=(-7.0, 7.0), method="bounded")
+    return Calibration("temperature", float(np.exp(best.x)), 0.0, fitted_on, n, n_pos)
+
+
+def at_prevalence(sensitivity: float | None, specificity: float | None, prevalence: float) -> dict[str, float | None]:
+    """PPV and NPV at a deployment's COVID prevalence (Bayes' rule), from sensitivity and specificity, which do
+    not depend on the test set's class balance (PPV and NPV measured on it do)."""
+    if not 0 < prevalence < 1:
+        raise RespiscanError(f"prevalence must lie strictly between 0 and 1, got {prevalence!r}")
+    if sensitivity is None or specificity is None:
+        return {"ppv": None, "npv": None}
+    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    return {"ppv": tp / (tp + fp) if tp + fp > 0 else None, "npv": tn / (tn + fn) if tn + fn > 0 else None}

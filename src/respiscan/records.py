@@ -118,7 +118,9 @@ def dump(value: Any, unknown: dict) -> Any:
         out = {}
         for f in fields(value):
             v = getattr(value, f.name)
-            if f.metadata.get("json", True) and not (v is None and f.metadata.get("omit_none")):
+            omitted = (v is None and f.metadata.get("omit_none")) or (f.metadata.get("omit_default")
+                                                                       and v == f.default)
+            if f.metadata.get("json", True) and not omitted:
                 out[f.name] = dump(v, unknown.get(f.name, {}))
         return {**out, **{k: v for k, v in unknown.items() if k not in {f.name for f in fields(value)}}}
     if isinstance(value, dict):

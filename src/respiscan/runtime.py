@@ -51,9 +51,16 @@ def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Index batches; shuffled when a generator is given. A last batch of one is dropped (BatchNorm)."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None,
+                weights: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Index batches; shuffled when a generator is given. A last batch of one is dropped (BatchNorm).
+
+    With `weights` (and a generator), an epoch is n indices drawn with replacement in proportion to them:
+    balanced sampling, same number of batches."""
+    if weights is not None and generator is not None:
+        order = torch.multinomial(weights.double(), n, replacement=True, generator=generator)
+    else:
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
         if generator is not None and len(idx) < 2:

@@ -8,7 +8,6 @@ import platform
 import random
 import tempfile
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -67,6 +66,8 @@ def seed_everything(seed: int) -> None:
 
 
 def package_versions() -> dict[str, str]:
+    from importlib import metadata  # ~30 ms: not on the one-image prediction path
+
     names = ["respiscan", "torch", "timm", "numpy", "opencv-python-headless", "scikit-learn", "safetensors"]
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for n in names:

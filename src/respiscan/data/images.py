@@ -1,4 +1,5 @@
-"""Decode and preprocess every image once, in parallel, and keep the uint8 arrays (memory and disk cache)."""
+"""Decode and preprocess images in parallel: all at once into uint8 arrays (memory and disk cache, for training),
+or batch by batch with the next batch decoding while the caller runs the model on this one (for prediction)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.samples import Sample
@@ -25,6 +27,54 @@ def load_preprocessed(path: str | Path, modality: str, cfg: PreprocessConfig) ->
 
     window = DicomWindow(ct_center=cfg.dicom_ct_center, ct_width=cfg.dicom_ct_width)
     return cfg.apply(read_image(path, modality=modality, window=window), modality)
+
+
+def _read_or_error(s: Sample, cfg: PreprocessConfig, strict: bool) -> np.ndarray | RespiscanError:
+    try:
+        return load_preprocessed(s.path, s.modality, cfg)
+    except RespiscanError as e:
+        if strict:
+            raise
+        return e
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    images: np.ndarray  # (N, size, size) uint8, preprocessed
+    samples: list[Sample]  # the readable ones, in order
+    skipped: list[tuple[str, str]]  # (id, reason) of the unreadable ones
+
+
+def _collect(batch: list[Sample], futures: list[Future], cfg: PreprocessConfig) -> ImageBatch:
+    images, kept, skipped = [], [], []
+    for s, future in zip(batch, futures):
+        out = future.result()
+        if isinstance(out, RespiscanError):
+            log.warning("skipped %s", out)
+            skipped.append((s.id, str(out)))
+        else:
+            images.append(out)
+            kept.append(s)
+    arr = np.stack(images) if images else np.zeros((0, cfg.size, cfg.size), np.uint8)
+    return ImageBatch(arr, kept, skipped)
+
+
+def iter_batches(samples: list[Sample], cfg: PreprocessConfig, batch_size: int = 64, *, strict: bool = False,
+                 workers: int | None = None) -> Iterator[ImageBatch]:
+    """The samples preprocessed, `batch_size` at a time; batch k+1 decodes in threads while the caller works on
+    batch k, so decoding hides behind inference wherever the model leaves a core idle, and memory holds two
+    batches whatever the number of samples."""
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        starts = range(0, len(samples), batch_size)
+        pending = None
+        for start in starts:
+            batch = samples[start:start + batch_size]
+            submitted = (batch, [pool.submit(_read_or_error, s, cfg, strict) for s in batch])
+            if pending is not None:
+                yield _collect(*pending, cfg)
+            pending = submitted
+        if pending is not None:
+            yield _collect(*pending, cfg)
 
 
 def _cache_key(samples: list[Sample], cfg: PreprocessConfig) -> str:
@@ -53,17 +103,12 @@ def load_dataset_images(samples: list[Sample], cfg: PreprocessConfig, *, cache_d
             skipped = [tuple(x) for x in z["skipped"].tolist()]
             return z["images"], [s for s in samples if s.id in keep], skipped
 
-    def work(s: Sample) -> np.ndarray | RespiscanError:
-        try:
-            return load_preprocessed(s.path, s.modality, cfg)
-        except RespiscanError as e:
-            if strict:
-                raise
-            return e
+    from tqdm import tqdm  # here: one-image prediction never loads it
 
     images, kept, skipped = [], [], []
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        for s, out in tqdm(zip(samples, pool.map(work, samples)), total=len(samples), desc=desc, unit="img"):
+        outs = pool.map(lambda s: _read_or_error(s, cfg, strict), samples)
+        for s, out in tqdm(zip(samples, outs), total=len(samples), desc=desc, unit="img"):
             if isinstance(out, RespiscanError):
                 log.warning("skipped %s", out)
                 skipped.append((s.id, str(out)))

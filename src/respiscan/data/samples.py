@@ -12,7 +12,7 @@ import csv
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -176,6 +176,12 @@ def _resolve_inside(root: Path, rel: str, where: str) -> Path:
 
 
 def _from_manifest(manifest: Path, root: Path, default_split: str | None = None) -> list[Sample]:
+    return list(iter_manifest(manifest, root, default_split))
+
+
+def iter_manifest(manifest: Path, root: Path, default_split: str | None = None) -> Iterator[Sample]:
+    """A manifest's samples one row at a time, in file order: streaming prediction reads a million-row
+    manifest without holding it (no duplicate-id check, which needs every id; `discover` does it)."""
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = {_key(c): c for c in reader.fieldnames or []}
@@ -186,7 +192,6 @@ def _from_manifest(manifest: Path, root: Path, default_split: str | None = None)
         if missing:
             raise RespiscanError(f"{manifest}: missing column(s) {', '.join(missing)}; "
                                  "needs path, modality, label, split (group and source optional)")
-        samples = []
         for n, row in enumerate(reader, start=2):
             where = f"{manifest}:{n}"
             rel = (row.get(need["path"]) or "").strip()
@@ -197,10 +202,8 @@ def _from_manifest(manifest: Path, root: Path, default_split: str | None = None)
                 raise RespiscanError(f"{where}: unknown split {split_value!r}; accepted: train, val, test")
             group = (row.get(columns.get("group", ""), "") or row.get(columns.get("patient", ""), "") or "").strip()
             source = (row.get(columns.get("source", ""), "") or "").strip()
-            samples.append(Sample(Path(rel).as_posix(), path, parse_modality(row.get(need["modality"], ""), where),
-                                  parse_label(row.get(need["label"], ""), where), split,
-                                  group or None, source or None))
-    return samples
+            yield Sample(Path(rel).as_posix(), path, parse_modality(row.get(need["modality"], ""), where),
+                         parse_label(row.get(need["label"], ""), where), split, group or None, source or None)
 
 
 def check_trainable(samples: list[Sample], where: str) -> None:
@@ -216,12 +219,13 @@ def check_trainable(samples: list[Sample], where: str) -> None:
                                  "need COVID and Non_COVID")
 
 
-def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 0) -> list[Sample]:
-    """Move a stratified, group-aware fraction of each modality's train samples to split 'val'.
+def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 0, into: str = "val") -> list[Sample]:
+    """Move a stratified, group-aware fraction of each modality's train samples to split `into` ('val', or the
+    trainer's calibration split).
 
     Strata are source x class where every stratum is large enough, so each source is validated on. A source
-    that already has validation samples of a modality keeps them, and its train samples stay in train. Test
-    samples are never touched.
+    that already has samples of a modality in split `into` keeps them, and its train samples stay in train.
+    Test samples are never touched.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -229,7 +233,7 @@ def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 
     index = {s.id: i for i, s in enumerate(out)}
     for modality in MODALITIES:
         mod = [s for s in out if s.modality == modality]
-        validated = {s.source for s in mod if s.split == "val"}
+        validated = {s.source for s in mod if s.split == into}
         train = [s for s in mod if s.split == "train" and s.source not in validated]
         if len(train) < 4:
             continue
@@ -241,7 +245,7 @@ def carve_validation(samples: list[Sample], fraction: float = 0.15, seed: int = 
         folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         _, val_idx = next(folds.split(np.zeros(len(train)), y, groups))
         for i in val_idx:
-            out[index[train[i].id]] = replace(train[i], split="val")
+            out[index[train[i].id]] = replace(train[i], split=into)
     return out
 
 
@@ -282,6 +286,25 @@ def count_by_source(samples: list[Sample]) -> list[dict[str, str | int]]:
     counts = Counter((s.source or "unspecified", s.modality, s.split, CLASS_NAMES[s.label]) for s in samples)
     return [{"source": source, "modality": modality, "split": split, "label": label, "n": n}
             for (source, modality, split, label), n in sorted(counts.items())]
+
+
+def pair_cases(xray: list[Sample], ct: list[Sample], seed: int = 0) -> tuple[list[tuple[Sample, Sample]], str]:
+    """X-ray/CT pairs for the fused probability: by shared group (patient) when the data has them, else
+    same-label pseudo-pairs (seeded), which a report must call what they are (evaluation and the fused
+    threshold of training both pair this way)."""
+    by_group = {s.group: s for s in ct if s.group}
+    pairs = [(x, by_group[x.group]) for x in xray if x.group in by_group and by_group[x.group].label == x.label]
+    if pairs:
+        return pairs, "patient (shared group id)"
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for label in (0, 1):
+        xs = [s for s in xray if s.label == label]
+        cs = [s for s in ct if s.label == label]
+        rng.shuffle(xs)
+        rng.shuffle(cs)
+        pairs += list(zip(xs, cs))
+    return pairs, "same-label pseudo-pairs (the data has no X-ray/CT pairs of one patient)"
 
 
 def folder_samples(folder: str | Path, modality: str) -> list[Sample]:

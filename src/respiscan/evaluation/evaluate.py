@@ -1,9 +1,10 @@
 """Evaluate a bundle on a data set's test split: per modality and fused, COVID as the positive class.
 
-Writes to OUT: metrics.json (point estimates; 95% bootstrap CIs that resample patients where the data names
-them, since images of one patient are not independent; a per-source breakdown when the test images come from
-several sources), predictions.csv, the paper figures (roc, pr, confusion, reliability, training_curves .png)
-and report.md / report.html, which explain all of it to a reader without the code.
+Writes to OUT: metrics.json (point estimates; 95% bootstrap CIs, stratified by class, that resample patients
+where the data names them, since images of one patient are not independent; a per-source breakdown when the
+test images come from several sources; fused metrics only for X-ray/CT pairs of one patient), predictions.csv,
+the paper figures (roc, pr, confusion, reliability, training_curves .png) and report.md / report.html, which
+explain all of it to a reader without the code.
 """
 
 from __future__ import annotations
@@ -12,48 +13,32 @@ from pathlib import Path
 
 import numpy as np
 
-from respiscan.bundle import LOGS
+from respiscan.bundle import LOGS, Bundle, BundleConfig
+from respiscan.calibration import OperatingPoint
+from respiscan.card import evaluation_result, write_card
 from respiscan.data.audit import class_balance, source_of
-from respiscan.data.samples import CLASS_NAMES, DataPaths, Sample, describe, discover
+from respiscan.data.samples import CLASS_NAMES, DataPaths, Sample, describe, discover, pair_cases
 from respiscan.errors import RespiscanError
 from respiscan.evaluation.plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_training_curves
 from respiscan.evaluation.report import KIND_NAMES, read_splits, write_report
-from respiscan.metrics import binary_metrics, bootstrap_ci
+from respiscan.metrics import N_RESAMPLES, at_prevalence, binary_metrics, bootstrap_ci, calibration_scores
 from respiscan.serving import Engine
 from respiscan.serving import load as load_pipeline
 from respiscan.serving.pipeline import BasePipeline, fuse
 from respiscan.utils import write_json, write_rows
 
-N_RESAMPLES = 1000
 CONFIDENCE = 0.95
+FIXED_SENSITIVITIES = (0.90, 0.95)  # screening operating points reported beside the bundle's own
 _STAGE_ORDER = ("embedding", "task_mlp", "shared", "head")  # training-curve panels in the order stages ran
 
 Cases = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # labels, probabilities, groups, sources
 
 
-def pair_cases(xray: list[Sample], ct: list[Sample], seed: int = 0) -> tuple[list[tuple[Sample, Sample]], str]:
-    """X-ray/CT pairs for the fused probability: by shared group (patient) when the data has them, else
-    same-label pseudo-pairs (seeded), which the report must call what they are."""
-    by_group = {s.group: s for s in ct if s.group}
-    pairs = [(x, by_group[x.group]) for x in xray if x.group in by_group and by_group[x.group].label == x.label]
-    if pairs:
-        return pairs, "patient (shared group id)"
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for label in (0, 1):
-        xs = [s for s in xray if s.label == label]
-        cs = [s for s in ct if s.label == label]
-        rng.shuffle(xs)
-        rng.shuffle(cs)
-        pairs += list(zip(xs, cs))
-    return pairs, "same-label pseudo-pairs (the data has no X-ray/CT pairs of one patient)"
-
-
 def _scored(y: np.ndarray, p: np.ndarray, threshold: float, groups: np.ndarray, n_resamples: int, seed: int) -> dict:
-    """binary_metrics plus `ci`: the bootstrap interval of every metric, resampling whole groups."""
-    return {**binary_metrics(y, p, threshold),
-            "ci": bootstrap_ci(y, p, threshold, groups=groups, n_resamples=n_resamples, confidence=CONFIDENCE,
-                               seed=seed)}
+    """binary_metrics plus `ci`, the bootstrap interval of every metric (resampling whole groups), and
+    `ci_method`, which interval each is (BCa or percentile)."""
+    boot = bootstrap_ci(y, p, threshold, groups=groups, n_resamples=n_resamples, confidence=CONFIDENCE, seed=seed)
+    return {**binary_metrics(y, p, threshold), "ci": boot.intervals, "ci_method": boot.methods}
 
 
 def _kind_metrics(cases: Cases, threshold: float, n_resamples: int, seed: int) -> dict:
@@ -67,17 +52,113 @@ def _kind_metrics(cases: Cases, threshold: float, n_resamples: int, seed: int) -
     return result
 
 
+def _add_shift_flagged(metrics: dict[str, dict], scored: list[Sample], in_distribution: dict[str, bool | None]) -> None:
+    """Beside each modality's and source's metrics, the share of its images the shift detector flags as unlike
+    the training images (`shift_flagged`; absent without a detector): where a source's AUC drops, it says
+    whether the bundle warned."""
+    for m, result in metrics.items():
+        mine = [s for s in scored if s.modality == m and in_distribution.get(s.id) is not None]
+        if not mine:  # the fused kind, or a bundle without a detector
+            continue
+        result["shift_flagged"] = float(np.mean([not in_distribution[s.id] for s in mine]))
+        for name, by_source in result.get("by_source", {}).items():
+            flags = [not in_distribution[s.id] for s in mine if source_of(s) == name]
+            by_source["shift_flagged"] = float(np.mean(flags)) if flags else None
+
+
 def _image_cases(samples: list[Sample], prob: dict[str, float]) -> Cases:
     return (np.array([s.label for s in samples]), np.array([prob[s.id] for s in samples]),
             np.array([s.group or s.id for s in samples]), np.array([source_of(s) for s in samples]))
 
 
+def patient_pairs(xray: list[Sample], ct: list[Sample]) -> list[tuple[Sample, Sample]]:
+    """X-ray/CT pairs of one patient (the same group id in both modalities). Images of different patients
+    paired by label would average two draws of a known class: that measures nothing about fusion, so without
+    shared ids there are no pairs and no fused result."""
+    return [(x, c) for x, c in pair_cases(xray, ct)[0] if x.group and x.group == c.group]
+
+
+def fused_clusters(pairs: list[tuple[Sample, Sample]]) -> np.ndarray:
+    """Bootstrap cluster per fused case: the connected component of the graph whose nodes are X-ray groups
+    and CT groups and whose edges are the pairs, so that cases sharing an X-ray patient or a CT patient
+    (e.g. CT slices of one scan) are resampled together."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    xray = np.unique([x.group or x.id for x, _ in pairs], return_inverse=True)[1]
+    ct = np.unique([c.group or c.id for _, c in pairs], return_inverse=True)[1]
+    n_xray = int(xray.max()) + 1
+    n = n_xray + int(ct.max()) + 1
+    graph = coo_matrix((np.ones(len(pairs)), (xray, n_xray + ct)), shape=(n, n))
+    return connected_components(graph, directed=False)[1][xray]
+
+
 def _fused_cases(pairs: list[tuple[Sample, Sample]], prob: dict[str, float]) -> Cases:
-    """A fused case's group is its X-ray's patient; its source names both images' sources when they differ."""
+    """A fused case's group is its connected component of patients; its source names both images' sources when
+    they differ."""
     sources = [source_of(x) if source_of(x) == source_of(c) else f"{source_of(x)} + {source_of(c)}"
                for x, c in pairs]
     return (np.array([x.label for x, _ in pairs]), np.array([fuse([prob[x.id], prob[c.id]]) for x, c in pairs]),
-            np.array([x.group or x.id for x, _ in pairs]), np.array(sources))
+            fused_clusters(pairs), np.array(sources))
+
+
+def _fusion(pairs: list[tuple[Sample, Sample]]) -> dict:
+    """How the fused cases were formed, as a record and a sentence for the report."""
+    if not pairs:
+        return {"pairing": None, "n_pairs": 0, "sentence": (
+            "No fused (patient-level) result: no X-ray and CT image share a group (patient) id, so the data holds "
+            "no X-ray/CT pair of one patient. Pairing images of different patients, e.g. by label, would average "
+            "two draws of a known class and say nothing about fusion, so no fused metric is shown.")}
+    patients = len({x.group for x, _ in pairs})
+    return {"pairing": "patient (shared group id)", "n_pairs": len(pairs), "sentence": (
+        f"The fused probability is the mean of a patient's X-ray and CT probabilities: {len(pairs)} pairs from "
+        f"{patients} patients (same group id and label in both modalities); images without a partner of the "
+        "other modality are left out of the fused metrics. Its bootstrap resamples connected groups of "
+        "patients (X-ray group, CT group).")}
+
+
+def _calibration(raw: Cases, calibrated: Cases) -> dict:
+    """ECE, Brier and log-loss of the network's probabilities and of the calibrated ones, on the same cases."""
+    return {"before": calibration_scores(raw[0], raw[1]), "after": calibration_scores(calibrated[0], calibrated[1])}
+
+
+def _at_sensitivities(config: BundleConfig, kind: str, cases: Cases, n_resamples: int, seed: int) -> dict:
+    """Per target sensitivity: the threshold the bundle's calibration scores give for it (never chosen on test),
+    and the sensitivity and specificity it reaches on these cases, with CIs; {} for bundles without the scores."""
+    y, p, groups, _ = cases
+    out = {}
+    for target in FIXED_SENSITIVITIES:
+        try:
+            threshold = config.thresholds_at(OperatingPoint("sensitivity", target))[kind]
+        except RespiscanError:
+            return {}
+        m = _scored(y, p, threshold, groups, n_resamples, seed)
+        keep = ("sensitivity", "specificity", "ppv", "npv")
+        out[f"{target:.2f}"] = {"threshold": threshold, **{k: m[k] for k in keep},
+                                "ci": {k: m["ci"].get(k) for k in keep}}
+    return out
+
+
+def _at_prevalence(m: dict, prevalence: float) -> dict:
+    """PPV and NPV at `prevalence` from the sensitivity and specificity reached; the bounds combine the ends of
+    their CIs (both metrics rise with each, so the bounds are conservative)."""
+    ci_sens, ci_spec = m["ci"].get("sensitivity"), m["ci"].get("specificity")
+    point = at_prevalence(m["sensitivity"], m["specificity"], prevalence)
+    bounds = ([at_prevalence(ci_sens[i], ci_spec[i], prevalence) for i in (0, 1)]
+              if ci_sens is not None and ci_spec is not None else None)
+    return {"prevalence": prevalence, **point,
+            "ci": {k: None if bounds is None or None in (bounds[0][k], bounds[1][k]) else [bounds[0][k], bounds[1][k]]
+                   for k in ("ppv", "npv")}}
+
+
+def _card_results(config: BundleConfig, cases: dict[str, Cases], metrics: dict[str, dict], data: str) -> list:
+    """The model-card entries of this evaluation: per prediction kind and source (in-source or external)."""
+    results = []
+    for kind, c in cases.items():
+        names = sorted(set(c[3].tolist()))
+        blocks = [(names[0], metrics[kind])] if len(names) == 1 else list(metrics[kind]["by_source"].items())
+        results += [evaluation_result(config, kind, name, block, data) for name, block in blocks]
+    return results
 
 
 def _training_logs(bundle: Path) -> dict[str, Path]:
@@ -90,13 +171,15 @@ def _training_logs(bundle: Path) -> dict[str, Path]:
 
 
 def _plots(cases: dict[str, Cases], metrics: dict[str, dict], bundle: Path, out: Path,
-           warnings: list[str]) -> dict[str, str]:
-    """The figures beside metrics.json (file names by kind); a bundle without usable logs gets a warning instead."""
+           warnings: list[str], raw: dict[str, Cases]) -> dict[str, str]:
+    """The figures beside metrics.json (file names by kind); a bundle without usable logs gets a warning instead.
+    The reliability diagram shows each kind calibrated and, beside it, as the network gave it (`raw`)."""
     curves = {KIND_NAMES[k]: (c[0], c[1]) for k, c in cases.items()}
+    reliability = {**curves, **{f"{KIND_NAMES[k]} (uncalibrated)": (c[0], c[1]) for k, c in raw.items()}}
     points = {KIND_NAMES[k]: metrics[k]["threshold"] for k in cases}
     files = [plot_roc(curves, out / "roc.png", points), plot_pr(curves, out / "pr.png", points),
              plot_confusion({KIND_NAMES[k]: metrics[k]["confusion_matrix"] for k in cases}, out / "confusion.png"),
-             plot_reliability(curves, out / "reliability.png")]
+             plot_reliability(reliability, out / "reliability.png")]
     logs = _training_logs(bundle)
     if not logs:
         warnings.append("Training curves are not shown: the bundle has no logs/*.csv.")
@@ -116,8 +199,14 @@ def _seen_in_training(test: list[Sample], bundle: Path) -> list[str]:
 
 def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None, *, strict: bool = False,
              pipeline: BasePipeline | None = None, engine: Engine = "auto", n_resamples: int = N_RESAMPLES,
-             seed: int = 0, figures: bool = True, samples: list[Sample] | None = None) -> dict:
-    """Metrics with CIs on the test split, figures and report; writes them to `out` (default BUNDLE/evaluation).
+             seed: int = 0, figures: bool = True, samples: list[Sample] | None = None,
+             prevalence: float | None = None) -> dict:
+    """Metrics with CIs on the test split, figures and report; writes them to `out` (default BUNDLE/evaluation),
+    and the results to the bundle's model card.
+
+    Beside the metrics at the bundle's operating point: calibration before and after (ECE, Brier, log-loss),
+    sensitivity and specificity at the thresholds the bundle's calibration scores give for FIXED_SENSITIVITIES,
+    and with `prevalence` the PPV and NPV a deployment with that COVID share would see.
 
     The engine is chosen as `predict` chooses it (`serving.load`). `seed` seeds the bootstrap, so the same
     inputs give the same intervals. `figures=False` skips the plots (most of the time taken), for callers that
@@ -134,6 +223,7 @@ def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None,
     rows, skipped = pipe.predict_samples(test, strict=strict)
     by_id = {s.id: s for s in test}
     prob = {r["id"]: r["probability"] for r in rows}
+    raw_prob = {r["id"]: r["uncalibrated_probability"] for r in rows}
     for r in rows:
         r["label"] = CLASS_NAMES[by_id[r["id"]].label]
     scored = [s for s in test if s.id in prob]
@@ -141,17 +231,29 @@ def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None,
                      "skipped": [{"id": i, "reason": why} for i, why in skipped], "modalities": {}}
     cases = {m: _image_cases(mine, prob) for m in pipe.modalities if (mine := [s for s in scored if s.modality == m])}
     if len(cases) == 2:
-        pairs, how = pair_cases([s for s in scored if s.modality == "xray"], [s for s in scored if s.modality == "ct"])
+        pairs = patient_pairs([s for s in scored if s.modality == "xray"], [s for s in scored if s.modality == "ct"])
+        results["fusion"] = _fusion(pairs)
         if pairs:
             cases["fused"] = _fused_cases(pairs, prob)
-            results["fused"] = {"pairing": how, "n_pairs": len(pairs)}
+            raw_fused = _fused_cases(pairs, raw_prob)
+            results["fused"] = {"pairing": results["fusion"]["pairing"], "n_pairs": len(pairs)}
     metrics = {k: _kind_metrics(c, pipe.thresholds[k], n_resamples, seed) for k, c in cases.items()}
+    raw = {k: raw_fused if k == "fused" else _image_cases([s for s in scored if s.modality == k], raw_prob)
+           for k in cases}
+    for k, m in metrics.items():
+        m["operating_point"] = pipe.operating_point
+        m["calibration"] = _calibration(raw[k], cases[k])
+        m["at_sensitivity"] = _at_sensitivities(pipe.config, k, cases[k], n_resamples, seed)
+        if prevalence is not None:
+            m["at_prevalence"] = _at_prevalence(m, prevalence)
+    _add_shift_flagged(metrics, scored, {r["id"]: r.get("in_distribution") for r in rows})
     results["modalities"] = {m: metrics[m] for m in pipe.modalities if m in metrics}
     if "fused" in metrics:
         results["fused"].update(metrics["fused"])
     grouped = any(s.group for s in scored)
-    results["ci"] = {"confidence": CONFIDENCE, "method": "percentile bootstrap", "n_resamples": n_resamples,
-                     "seed": seed, "resampled": "patients (group ids)" if grouped else "images"}
+    results["ci"] = {"confidence": CONFIDENCE, "method": "bootstrap stratified by class, BCa where defined, else "
+                     "percentile (per metric: ci_method)", "n_resamples": n_resamples, "seed": seed,
+                     "resampled": "patients (group ids)" if grouped else "images"}
     results["test_set"] = class_balance(scored, lambda s: f"{s.modality} / test / {source_of(s)}")
     results["warnings"] = []
     seen = _seen_in_training(scored, bundle)
@@ -160,9 +262,11 @@ def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None,
             f"{len(seen)} test image(s) were in the bundle's training or validation split (e.g. {seen[0]}): their "
             "scores measure memory, not generalisation.")
     out.mkdir(parents=True, exist_ok=True)
-    results["plots"] = _plots(cases, metrics, bundle, out, results["warnings"]) if figures else {}
+    results["plots"] = _plots(cases, metrics, bundle, out, results["warnings"], raw) if figures else {}
     md, html = write_report(results, pipe.bundle, out)
     results["report"] = {"markdown": md.name, "html": html.name}
     write_json(out / "metrics.json", results)
-    write_rows(out / "predictions.csv", rows, ["id", "path", "modality", "label", "probability", "prediction"])
+    write_rows(out / "predictions.csv", rows, ["id", "path", "modality", "label", "probability", "prediction",
+                                               "in_distribution", "ood_score", "uncalibrated_probability"])
+    write_card(Bundle.open(bundle), _card_results(pipe.config, cases, metrics, describe(data)))
     return results

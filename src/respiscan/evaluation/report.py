@@ -32,8 +32,9 @@ PLOT_CAPTIONS = {
     "roc": "ROC curves. The open marker is the operating point at the bundle's threshold.",
     "pr": "Precision-recall curves; the dashed line is what a random ranking scores (the COVID prevalence).",
     "confusion": "Confusion matrices at the bundle's thresholds; colour is the fraction of the true class.",
-    "reliability": "Reliability diagram: observed COVID frequency against predicted probability; below, "
-                   "cases per bin (sparse bins are noisy).",
+    "reliability": "Reliability diagram: observed COVID frequency against predicted probability, for the "
+                   "calibrated probabilities and, marked (uncalibrated), the network's own; below, cases per bin "
+                   "(sparse bins are noisy).",
     "training_curves": "Training curves per stage (losses left axis, validation scores right axis). Stages "
                        "reused from an earlier run with the same settings have no curve here.",
 }
@@ -93,6 +94,9 @@ def _metric_table(columns: dict[str, dict]) -> Block:
     rows += [[METRIC_NAMES[name], *(_with_ci(m, name) for m in columns.values())] for name in SCALAR_METRICS]
     rows.append(["Confusion TP / FP / FN / TN", *(
         "{tp} / {fp} / {fn} / {tn}".format(**m["confusion_matrix"]) for m in columns.values())])
+    if any(m.get("shift_flagged") is not None for m in columns.values()):
+        rows.append(["Flagged unlike the training images (shift detector)",
+                     *(_num(m.get("shift_flagged")) for m in columns.values())])
     return ("table", ["Metric", *columns], rows)
 
 
@@ -100,10 +104,17 @@ def _summary(kinds: dict[str, dict], results: dict) -> list[Block]:
     items = [f"{KIND_NAMES[k]}: ROC AUC {_with_ci(m, 'roc_auc')}, sensitivity {_with_ci(m, 'sensitivity')}, "
              f"specificity {_with_ci(m, 'specificity')} at threshold {m['threshold']:.3f} "
              f"(n = {m['n']}, {m['n_positive']} COVID)." for k, m in kinds.items()]
+    if "fusion" in results and "fused" not in results:
+        items.append(results["fusion"]["sentence"])
     ci = results["ci"]
+    percentile = [f"{KIND_NAMES[k]}: " + ", ".join(METRIC_NAMES[name] for name, how in m["ci_method"].items()
+                                                    if how == "percentile")
+                  for k, m in kinds.items() if "percentile" in m["ci_method"].values()]
+    where = ("; percentile intervals, where BCa is undefined (e.g. a resample without the metric, or no spread "
+             "when one group is left out): " + "; ".join(percentile)) if percentile else ""
     return [("h2", "Summary"), ("ul", items),
             ("p", f"Brackets hold {100 * ci['confidence']:g}% confidence intervals ({ci['method']}, "
-                  f"{ci['n_resamples']} resamples of {ci['resampled']}, seed {ci['seed']}).")]
+                  f"{ci['n_resamples']} resamples of {ci['resampled']}, seed {ci['seed']}){where}.")]
 
 
 def _data(results: dict, bundle: Bundle) -> list[Block]:
@@ -134,6 +145,14 @@ def _pretrained(value: bool | str) -> str:
 
 
 def _threshold_rule(config: BundleConfig, kind: str) -> str:
+    record = (config.operating_points or {}).get(kind)
+    if record is not None:
+        ci = ("" if record.ci is None
+              else f"; 95 % bootstrap CI of the threshold {record.ci[0]:.3f} to {record.ci[1]:.3f}")
+        return f"{record.point.describe()} ({record.point}) on the {record.chosen_on}{ci}"
+    if config.operating_points is not None:  # trained with operating points: this kind could not have one
+        return ("mean of the per-modality thresholds (no X-ray/CT pairs of one patient to choose it on)"
+                if kind == "fused" else "default 0.5: the calibration and validation splits had one class only")
     if kind == "fused":
         return "applied to the mean of the per-modality probabilities; fixed, not tuned on validation"
     val = config.validation_metrics.get(kind)
@@ -141,6 +160,41 @@ def _threshold_rule(config: BundleConfig, kind: str) -> str:
         return (f"Youden's J (maximum sensitivity + specificity - 1) on the validation split "
                 f"(n = {val['n']}, {val['n_positive']} COVID)")
     return "default 0.5: the validation split had one class only, so no threshold could be chosen"
+
+
+def _trust(kinds: dict[str, dict], config: BundleConfig) -> list[Block]:
+    """Calibration before and after, the fixed-sensitivity operating points and, when asked, PPV/NPV at a
+    deployment's prevalence."""
+    def pair(m: dict, name: str) -> str:
+        return f"{m['calibration']['before'][name]:.3f} -> {m['calibration']['after'][name]:.3f}"
+
+    method = {k: config.calibration_of(k).method if k != "fused" else "mean of the calibrated modalities"
+              for k in kinds}
+    blocks: list[Block] = [
+        ("h2", "Calibration and operating points"),
+        ("p", "Calibration maps the network's probabilities so that, among cases given p, a share p has COVID; it "
+              "was fitted on the bundle's calibration split, which no stage trained or early-stopped on, and it "
+              "keeps every ranking (ROC AUC) unchanged. Each cell: uncalibrated -> calibrated, on the test split."),
+        ("table", ["Prediction", "Calibration", "ECE", "Brier score", "Log-loss"],
+         [[KIND_NAMES[k], method[k], pair(m, "ece"), pair(m, "brier"), pair(m, "log_loss")]
+          for k, m in kinds.items() if "calibration" in m])]
+    fixed = [[KIND_NAMES[k], target, f"{v['threshold']:.3f}", _with_ci(v, "sensitivity"), _with_ci(v, "specificity")]
+             for k, m in kinds.items() for target, v in m.get("at_sensitivity", {}).items()]
+    if fixed:
+        blocks += [("p", "Screening operating points: the threshold the bundle's calibration scores give for each "
+                         "target sensitivity (chosen there, never on test), and what it reaches on the test split."),
+                   ("table", ["Prediction", "Target sensitivity", "Threshold", "Sensitivity on test (CI)",
+                              "Specificity on test (CI)"], fixed)]
+    else:
+        blocks.append(("p", "No fixed-sensitivity operating points: the bundle stores no calibration scores (it "
+                            "predates operating points)."))
+    prevalence = [[KIND_NAMES[k], f"{v['prevalence']:g}", _with_ci(v, "ppv"), _with_ci(v, "npv")]
+                  for k, m in kinds.items() if (v := m.get("at_prevalence"))]
+    if prevalence:
+        blocks += [("p", "At the prevalence given (--prevalence), from the sensitivity and specificity at the "
+                         "bundle's threshold by Bayes' rule; the bounds combine the ends of their CIs."),
+                   ("table", ["Prediction", "Prevalence", "PPV (bounds)", "NPV (bounds)"], prevalence)]
+    return blocks
 
 
 def _configuration(config: BundleConfig) -> list[Block]:
@@ -173,7 +227,7 @@ def _configuration(config: BundleConfig) -> list[Block]:
         rows.append(["Training", f"preset {training.preset}, seed {training.seed}, embedding models up to "
                                  f"{training.backbone_fit.epochs} epochs, MLPs up to "
                                  f"{training.mlp_fit.epochs} epochs (best validation epoch kept), "
-                                 f"augmentation {'on' if training.augment else 'off'}, validation fraction "
+                                 f"augmentation {training.augment}, balance {training.balance}, validation fraction "
                                  f"{training.val_fraction:g}"])
     versions = config.versions
     rows.append(["Software (training)", ", ".join(f"{k} {versions[k]}" for k in ("respiscan", "torch", "timm")
@@ -197,19 +251,7 @@ def _metrics(results: dict, kinds: dict[str, dict]) -> list[Block]:
 
 
 def _fused(results: dict) -> list[Block]:
-    if "fused" not in results:
-        return []
-    fused = results["fused"]
-    text = (f"The fused probability is the mean of a case's X-ray and CT probabilities. Pairing: {fused['pairing']}; "
-            f"{fused['n_pairs']} pairs. ")
-    if "pseudo" in fused["pairing"]:
-        text += ("These pseudo-pairs are not patients: each joins an X-ray and a CT image of the same class drawn at "
-                 "random, so the fused metrics show what averaging two images of one class does, not how the model "
-                 "performs on patients. Do not report them as patient-level results.")
-    else:
-        text += ("Each pair is the X-ray and the CT of one patient (same group id and label); images without a "
-                 "partner of the other modality are left out of the fused metrics.")
-    return [("h2", "Fused prediction"), ("p", text)]
+    return [("h2", "Fused prediction"), ("p", results["fusion"]["sentence"])] if "fusion" in results else []
 
 
 def _warnings(results: dict, config: BundleConfig, kinds: dict[str, dict]) -> list[Block]:
@@ -284,7 +326,7 @@ def write_report(results: dict, bundle: Bundle, out: Path) -> tuple[Path, Path]:
         ("p", f"Bundle {results['bundle']}, evaluated on the test split of {results['data']} by respiscan "
               f"{__version__} on {generated}. COVID is the positive class."),
         *_summary(kinds, results), *_data(results, bundle), *_configuration(config),
-        *_metrics(results, kinds),
+        *_metrics(results, kinds), *_trust(kinds, config),
         ("h2", "Figures"), *(("img", PLOT_CAPTIONS[name], file) for name, file in results["plots"].items()),
         *([] if results["plots"] else [("p", "No figures were drawn for this evaluation.")]),
         *_fused(results), *_warnings(results, config, kinds)]

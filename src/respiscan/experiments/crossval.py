@@ -109,11 +109,13 @@ def _markdown(rows: list[dict], summary: dict) -> str:
 
 
 def run_crossval(data: DataPaths, out: str | Path, config: TrainConfig, *, by: By = "source", folds: int = 5,
-                 resume: bool = False, progress: bool = True) -> dict:
+                 resume: bool = False, progress: bool = True, modality: str | None = None) -> dict:
     """Train and score every fold; write crossval.json, crossval.csv and crossval.md to OUT (each fold's
-    bundle and evaluation under OUT/folds/NAME) and return the summary."""
+    bundle and evaluation under OUT/folds/NAME) and return the summary. `modality` keeps that one only."""
     out = Path(out)
-    samples = discover(data)
+    samples = [s for s in discover(data) if modality in (None, s.modality)]
+    if not samples:
+        raise RespiscanError(f"crossval: no {modality} images in {', '.join(map(str, data_paths(data)))}")
     plan = source_folds(samples) if by == "source" else group_folds(samples, folds, config.seed)
     rows: list[dict] = []
     for i, fold in enumerate(plan, 1):

@@ -160,5 +160,10 @@ class EmbeddingNet(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.features(images))
 
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding, logit) from one pass: what a source adversary reads, and the prediction."""
+        embedding = self.embed(images)
+        return embedding, self.out(embedding).squeeze(-1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.out(self.embed(images)).squeeze(-1)
+        return self.forward_with_features(images)[1]

@@ -34,8 +34,13 @@ class _FeatureClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature, logit) from one pass: what a source adversary reads, and the prediction."""
+        feature = self.features(x)
+        return feature, self.out(feature).squeeze(-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.features(x)).squeeze(-1)
+        return self.forward_with_features(x)[1]
 
 
 class TaskSpecificMLP(_FeatureClassifier):
@@ -93,10 +98,22 @@ class AdversarialSharedMLP(_FeatureClassifier):
         return self.body(self.generator(x))
 
 
+class SourceDiscriminator(nn.Module):
+    """Predicts the acquisition source from a feature. Training only (it never ships in a bundle): it learns the
+    source while the features below it learn to leave it guessing (training/loop.py `SourceAdversary`)."""
+
+    def __init__(self, dim: int, n_sources: int, hidden: int = 256):
+        super().__init__()
+        self.net = _stack([dim, hidden, n_sources], last_act=False)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.net(feature.float())
+
+
 # Shared-feature kinds by name (ModelSpec.shared): the module each adds to the network, or None. A new kind is
 # its module here, its training in training/shared.py, and its name in models/spec.py's SharedKind.
 SHARED_MODULES: dict[str, type[_FeatureClassifier] | None] = {
-    "plain": SharedMLP, "adversarial": AdversarialSharedMLP, "none": None}
+    "plain": SharedMLP, "adversarial": AdversarialSharedMLP, "source_adversarial": SharedMLP, "none": None}
 
 
 class Head(nn.Module):

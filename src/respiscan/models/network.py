@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +25,11 @@ def resolve_weights(pretrained: bool | str | Path, backbone: str) -> bool | str:
             raise RespiscanError(f"{path}: no weights file named {backbone}.* for backbone {backbone!r}")
         return str(hits[0])
     return str(path)
+
+
+class NetOutput(NamedTuple):
+    logits: torch.Tensor  # (B,)
+    embedding: torch.Tensor  # (B, 1280), float32
 
 
 class MMTLNet(nn.Module):
@@ -57,10 +63,14 @@ class MMTLNet(nn.Module):
 
     def forward(self, images: torch.Tensor, modality: str) -> torch.Tensor:
         """COVID logits for a batch of preprocessed uint8 images of one modality."""
-        task_embedding = self.task_embedder(modality).embed(images)
+        return self.logits_and_embedding(images, modality).logits
+
+    def logits_and_embedding(self, images: torch.Tensor, modality: str) -> NetOutput:
+        """The logits and the task-specific 1280-d embedding they came from (the shift detector's input)."""
+        task_embedding = self.task_embedder(modality).embed(images).float()
         shared_embedding = None
         if self.shared is not None:
             same = self.shared_embedder(modality) is self.task_embedder(modality)
-            shared_embedding = task_embedding if same else self.shared_embedder(modality).embed(images)
-        return self.heads[modality](self.head_features(modality, task_embedding.float(),
-                                                       None if shared_embedding is None else shared_embedding.float()))
+            shared_embedding = task_embedding if same else self.shared_embedder(modality).embed(images).float()
+        logits = self.heads[modality](self.head_features(modality, task_embedding, shared_embedding))
+        return NetOutput(logits, task_embedding)

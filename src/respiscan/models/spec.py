@@ -8,7 +8,8 @@ from typing import Literal, get_args
 from respiscan.errors import RespiscanError
 from respiscan.records import Record
 
-SharedKind = Literal["plain", "adversarial", "none"]
+# "source_adversarial": the plain shared MLP trained against a discriminator of the acquisition source
+SharedKind = Literal["plain", "adversarial", "source_adversarial", "none"]
 SHARED_KINDS: tuple[str, ...] = get_args(SharedKind)
 
 

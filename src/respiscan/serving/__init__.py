@@ -1,4 +1,5 @@
-"""Serving: the prediction pipeline and its engines (torch, onnxruntime), ONNX export, CT volumes, Grad-CAM.
+"""Serving: the prediction pipeline and its engines (torch, onnxruntime, OpenVINO), ONNX export, the engine
+choice, streaming over archives, CT volumes, Grad-CAM.
 
 Nothing here imports `respiscan.training` or `respiscan.evaluation`, and the ONNX path never imports torch.
 """
@@ -12,13 +13,14 @@ from typing import Literal, get_args
 from respiscan.errors import RespiscanError
 from respiscan.serving.pipeline import BasePipeline
 
-Engine = Literal["auto", "torch", "onnx"]
+Engine = Literal["auto", "torch", "onnx", "openvino"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 def load(bundle: str | Path, engine: Engine = "auto", bf16: bool | None = None) -> BasePipeline:
-    """The pipeline for `engine`: "onnx", "torch", or "auto" (ONNX when the bundle has graphs and onnxruntime
-    is installed, else torch).
+    """The pipeline for `engine`: "onnx", "openvino", "torch", or "auto": per modality the engine that
+    `respiscan export --choose-engine` recorded (serving/engine_choice.py), else ONNX when the bundle has graphs
+    and onnxruntime is installed, else torch.
 
     `respiscan.load`, `respiscan predict` and `evaluate` all choose through here. The torch engine is imported
     only when chosen, so "onnx"/"auto" on an exported bundle never loads torch.
@@ -29,6 +31,16 @@ def load(bundle: str | Path, engine: Engine = "auto", bf16: bool | None = None) 
     from respiscan.serving.onnx_engine import OnnxPipeline
 
     opened = Bundle.open(bundle)
+    if engine == "openvino":
+        from respiscan.serving.openvino_engine import OpenVinoPipeline
+
+        return OpenVinoPipeline(opened)
+    if engine == "auto" and opened.config.engines:
+        from respiscan.serving.engine_choice import load_chosen
+
+        chosen = load_chosen(opened, bf16)
+        if chosen is not None:
+            return chosen
     if engine == "onnx" or (engine == "auto" and opened.has_onnx and find_spec("onnxruntime") is not None):
         return OnnxPipeline(opened)
     from respiscan.serving.torch_engine import Pipeline

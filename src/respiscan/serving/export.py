@@ -1,8 +1,9 @@
 """`respiscan export`: write a bundle's network as ONNX graphs, so prediction can run without torch.
 
 One graph per modality (`model_xray.onnx`, `model_ct.onnx`): input `images`, preprocessed uint8 (batch, S, S)
-with a dynamic batch; output `probability`, p(COVID) per image (the sigmoid is inside the graph). A graph per
-modality keeps each one the exact path `Pipeline.probabilities` runs, with no unused backbone to load. The
+with a dynamic batch; outputs `probability`, p(COVID) per image (the sigmoid is inside the graph), and
+`embedding`, the task-specific 1280-d embedding the shift detector scores (serving/shift.py). A graph per
+modality keeps each one the exact path `Pipeline.outputs` runs, with no unused backbone to load. The
 file names, their sha256 and the opset go into config.json under "onnx", so the ONNX engine can refuse a
 graph that was modified or exported from other weights.
 """
@@ -24,6 +25,7 @@ from respiscan.serving.torch_engine import Pipeline
 
 INPUT = "images"
 OUTPUT = "probability"
+EMBEDDING = "embedding"
 TOLERANCE = 1e-3  # max |p_onnx - p_torch_fp32| accepted on random inputs
 
 
@@ -32,14 +34,15 @@ def graph_name(modality: str) -> str:
 
 
 class _Probability(nn.Module):
-    """The bundle's network for one modality, sigmoid included: uint8 images -> p(COVID)."""
+    """The bundle's network for one modality, sigmoid included: uint8 images -> (p(COVID), embedding)."""
 
     def __init__(self, net: nn.Module, modality: str):
         super().__init__()
         self.net, self.modality = net, modality
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(images, self.modality))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net.logits_and_embedding(images, self.modality)
+        return torch.sigmoid(out.logits), out.embedding
 
 
 def _export_graph(model: nn.Module, size: int, path: Path, opset: int) -> None:
@@ -52,7 +55,8 @@ def _export_graph(model: nn.Module, size: int, path: Path, opset: int) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT],
-                          output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+                          output_names=[OUTPUT, EMBEDDING],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}, EMBEDDING: {0: "batch"}})
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -64,7 +68,7 @@ def _max_difference(model: nn.Module, path: Path, size: int, seed: int = 0) -> f
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT], {INPUT: images})[0]
     with torch.no_grad():
-        want = model(torch.from_numpy(images)).numpy()
+        want = model(torch.from_numpy(images))[0].numpy()
     return float(np.abs(got.astype(np.float64) - want).max())
 
 
@@ -103,5 +107,5 @@ def export_onnx(bundle: str | Path, opset: int = 17) -> dict[str, Path]:
     # the hash of the weights that were exported, so the ONNX engine can tell graphs of other weights
     pipe.bundle.save_config(pipe.config.with_onnx(OnnxExport(
         opset=opset, input=INPUT, output=OUTPUT, weights_sha256=pipe.config.weights_sha256,
-        torch_version=torch.__version__, graphs=graphs)))
+        torch_version=torch.__version__, graphs=graphs, embedding_output=EMBEDDING)))
     return written

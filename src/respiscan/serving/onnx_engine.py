@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from respiscan.bundle import Bundle
+from respiscan.bundle import Bundle, OnnxExport
 from respiscan.errors import RespiscanError
 from respiscan.extras import require
-from respiscan.serving.pipeline import BasePipeline
+from respiscan.serving.pipeline import BasePipeline, Outputs
 
 BATCH = 32  # images per onnxruntime call: bounds memory on large batches, big enough to keep the cores busy
 
@@ -29,27 +29,15 @@ class OnnxPipeline(BasePipeline):
         super().__init__(bundle)
         ort = require("onnxruntime", "the ONNX engine")  # imported here: the torch path must not need it
 
-        where, spec = self.bundle.path, self.config.onnx
-        if spec is None or not self.bundle.has_onnx:
-            raise RespiscanError(f"{where}: no ONNX graph; run `respiscan export {where}` first")
-        if spec.weights_sha256 != self.config.weights_sha256:
-            raise RespiscanError(f"{where}: the ONNX graphs were exported from other weights; "
-                                 f"run `respiscan export {where}` again")
+        spec = checked_export(self)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.input, self.output = spec.input, spec.output
-        missing = [m for m in self.modalities if m not in spec.graphs]
-        if missing:
-            raise RespiscanError(f"{where}: no ONNX graph for {missing[0]}; run `respiscan export {where}` again")
+        self.run_outputs = [self.output, *([spec.embedding_output] if spec.embedding_output else [])]
 
         def session(modality: str) -> ort.InferenceSession:
-            graph = spec.graphs[modality]
-            # hash the bytes that are loaded, so the checked file is the one that runs
-            data = _read(where / graph.file, where)
-            if hashlib.sha256(data).hexdigest() != graph.sha256:
-                raise RespiscanError(f"{where / graph.file}: does not match the hash in config.json "
-                                     f"(truncated or modified); run `respiscan export {where}` again")
+            data = graph_bytes(self.bundle, modality)
             return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
         # building a session is mostly native work outside the GIL: the graphs load side by side
@@ -57,12 +45,43 @@ class OnnxPipeline(BasePipeline):
             sessions = pool.map(session, self.modalities)
             self.sessions: dict[str, ort.InferenceSession] = dict(zip(self.modalities, sessions))
 
-    def probabilities(self, images: np.ndarray, modality: str) -> np.ndarray:
+    def outputs(self, images: np.ndarray, modality: str) -> Outputs:
         self.check_modality(modality)
         images = np.ascontiguousarray(images, dtype=np.uint8)
         session = self.sessions[modality]
-        out = [session.run([self.output], {self.input: images[i:i + BATCH]})[0] for i in range(0, len(images), BATCH)]
-        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+        out = [session.run(self.run_outputs, {self.input: images[i:i + BATCH]}) for i in range(0, len(images), BATCH)]
+        if not out:
+            return Outputs(np.zeros(0), np.zeros((0, 0), np.float32))
+        p = np.concatenate([o[0] for o in out]).astype(np.float64)
+        embedding = np.concatenate([o[1] for o in out]) if len(out[0]) > 1 else np.zeros((len(p), 0), np.float32)
+        return Outputs(p, embedding)
+
+
+def checked_export(pipe: BasePipeline) -> OnnxExport:
+    """The bundle's ONNX export, if its graphs can serve `pipe` (every engine that runs the graphs asks)."""
+    where, spec = pipe.bundle.path, pipe.config.onnx
+    if spec is None or not pipe.bundle.has_onnx:
+        raise RespiscanError(f"{where}: no ONNX graph; run `respiscan export {where}` first")
+    if spec.weights_sha256 != pipe.config.weights_sha256:
+        raise RespiscanError(f"{where}: the ONNX graphs were exported from other weights; "
+                             f"run `respiscan export {where}` again")
+    if pipe.shift is not None and spec.embedding_output is None:
+        raise RespiscanError(f"{where}: the ONNX graphs predate the shift detector (no embedding output); "
+                             f"run `respiscan export {where}` again")
+    missing = [m for m in pipe.modalities if m not in spec.graphs]
+    if missing:
+        raise RespiscanError(f"{where}: no ONNX graph for {missing[0]}; run `respiscan export {where}` again")
+    return spec
+
+
+def graph_bytes(bundle: Bundle, modality: str) -> bytes:
+    """A modality's graph, checked against its hash in config.json: the bytes hashed are the bytes that run."""
+    where, graph = bundle.path, bundle.config.onnx.graphs[modality]
+    data = _read(where / graph.file, where)
+    if hashlib.sha256(data).hexdigest() != graph.sha256:
+        raise RespiscanError(f"{where / graph.file}: does not match the hash in config.json "
+                             f"(truncated or modified); run `respiscan export {where}` again")
+    return data
 
 
 def _read(path: Path, bundle: Path) -> bytes:

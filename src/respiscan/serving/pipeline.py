@@ -1,21 +1,48 @@
 """What every prediction engine shares, without torch: the bundle's config, preprocessing, combining the
-modalities of a case, labels and batches. Engines (torch_engine.py, onnx_engine.py) only supply
-`probabilities`."""
+modalities of a case, labels, batches, the shift warning (shift.py) and test-time augmentation (tta.py).
+Engines (torch_engine.py, onnx_engine.py) only supply `outputs`: p(COVID) and the embedding it came from."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from respiscan.bundle import Bundle
-from respiscan.data.images import load_dataset_images, load_preprocessed
+from respiscan.data.images import iter_batches, load_preprocessed
 from respiscan.data.io import is_volume
 from respiscan.data.samples import MODALITIES, Sample
 from respiscan.errors import RespiscanError
+from respiscan.serving.shift import ShiftScorer
+from respiscan.serving.tta import tta_views
 from respiscan.utils import write_rows
 
 ImageInput = str | Path | np.ndarray
+BATCH = 64  # images decoded ahead of the model in `predict_samples`: two such batches are in memory at once
+PREDICTION_COLUMNS = ["id", "path", "modality", "probability", "prediction", "in_distribution", "ood_score",
+                      "uncalibrated_probability"]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What an engine computes for a batch of one modality."""
+
+    probability: np.ndarray  # (N,) p(COVID)
+    embedding: np.ndarray  # (N, 1280) the task-specific embedding (the shift detector's input)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A batch's scores. `ood_score` > 1 (`in_distribution` false): unlike the training images; both None
+    for bundles without a shift detector. With TTA, `probability` is the mean over the views, `tta_std` the
+    standard deviation (None without TTA); the shift score is the unaugmented view's."""
+
+    probability: np.ndarray
+    ood_score: np.ndarray | None
+    in_distribution: np.ndarray | None
+    tta_std: np.ndarray | None
+    uncalibrated: np.ndarray  # the network's p(COVID), before the bundle's calibration (mean over TTA views)
 
 
 class BasePipeline:
@@ -28,10 +55,47 @@ class BasePipeline:
         self.preprocess_config = self.config.preprocess
         # a threshold per modality and, with two, for the fused probability: BundleConfig checks it
         self.thresholds: dict[str, float] = dict(self.config.thresholds)
+        records = self.config.operating_points or {}
+        self.operating_point = str(next(iter(records.values())).point) if records else "not recorded"
+        self.shift = ShiftScorer.of(self.bundle)
+
+    def outputs(self, images: np.ndarray, modality: str) -> Outputs:
+        """p(COVID) and embeddings for preprocessed uint8 images (N, size, size) of one modality."""
+        raise NotImplementedError
 
     def probabilities(self, images: np.ndarray, modality: str) -> np.ndarray:
-        """p(COVID) for preprocessed uint8 images (N, size, size) of one modality."""
-        raise NotImplementedError
+        """Calibrated p(COVID) for preprocessed uint8 images (N, size, size) of one modality."""
+        return self.calibrate(self.outputs(images, modality).probability, modality)
+
+    def calibrate(self, probability: np.ndarray, modality: str) -> np.ndarray:
+        """The bundle's calibration map of `modality` (identity for bundles without one), the same for every
+        engine because it is applied here, after the engine."""
+        return self.config.calibration_of(modality).apply(probability)
+
+    def use_operating_point(self, text: str) -> None:
+        """Replace the thresholds, for this pipeline only, by those `text` ("youden", "sensitivity=0.95",
+        "specificity=0.90") gives on the calibration scores stored in the bundle."""
+        from respiscan.calibration import OperatingPoint  # numpy only, like the rest of the ONNX path
+
+        point = OperatingPoint.parse(text)
+        try:
+            self.thresholds = self.config.thresholds_at(point)
+        except RespiscanError as e:
+            raise RespiscanError(f"{self.bundle.path}/{e}") from None
+        self.operating_point = str(point)
+
+    def score(self, images: np.ndarray, modality: str, tta: int = 1) -> Scored:
+        """p(COVID) (averaged over `tta` views when above 1), the shift score and the TTA spread."""
+        if tta < 1:
+            raise RespiscanError(f"--tta must be at least 1 (1: no test-time augmentation), got {tta}")
+        views = tta_views(images, tta)
+        out = self.outputs(views.reshape(-1, *images.shape[1:]), modality)
+        raw = out.probability.reshape(tta, len(images))
+        p = self.calibrate(raw, modality)
+        shift = self.shift.score(out.embedding[:len(images)], modality) if self.shift else None
+        return Scored(p.mean(axis=0), None if shift is None else shift.score,
+                      None if shift is None else shift.in_distribution, p.std(axis=0) if tta > 1 else None,
+                      raw.mean(axis=0))
 
     def check_modality(self, modality: str) -> None:
         if modality not in self.modalities:
@@ -47,15 +111,20 @@ class BasePipeline:
     def label(self, probability: float, kind: str) -> str:
         return self.config.class_names[int(probability >= self.thresholds[kind])]
 
-    def predict(self, xray: ImageInput | None = None, ct: ImageInput | None = None) -> dict:
+    def predict(self, xray: ImageInput | None = None, ct: ImageInput | None = None, tta: int = 1) -> dict:
         """One case: X-ray only, CT only, or both (then `probability` is the fused one). A CT volume (NIfTI,
-        DICOM series folder, multi-frame DICOM) is scored slice by slice; `ct_volume` then holds the details."""
+        DICOM series folder, multi-frame DICOM) is scored slice by slice; `ct_volume` then holds the details.
+
+        Per modality, `<m>_in_distribution` is false when the image is unlike the training images (`<m>_ood_score`
+        above 1; both None for a bundle without a shift detector, or a volume). `tta` > 1 averages that many
+        test-time augmentations and adds `<m>_tta_std`, their spread."""
         given = {m: image for m, image in zip(MODALITIES, (xray, ct)) if image is not None}
         if not given:
             raise RespiscanError("give an X-ray, a CT image, or both")
         for modality in given:
             self.check_modality(modality)
         result: dict = {"xray_probability": None, "ct_probability": None}
+        result |= {f"{m}_{key}": None for m in MODALITIES for key in ("in_distribution", "ood_score")}
         for modality, image in given.items():
             if modality == "ct" and not isinstance(image, np.ndarray) and is_volume(image):
                 from respiscan.serving.volume import score_volume
@@ -63,16 +132,24 @@ class BasePipeline:
                 result["ct_volume"] = score_volume(self, image)
                 result["ct_probability"] = result["ct_volume"]["probability"]
                 continue
-            prepared = self.prepare(image, modality)[None]
-            result[f"{modality}_probability"] = float(self.probabilities(prepared, modality)[0])
+            scored = self.score(self.prepare(image, modality)[None], modality, tta)
+            result[f"{modality}_probability"] = float(scored.probability[0])
+            if scored.ood_score is not None:
+                result[f"{modality}_in_distribution"] = bool(scored.in_distribution[0])
+                result[f"{modality}_ood_score"] = float(scored.ood_score[0])
+            if scored.tta_std is not None:
+                result[f"{modality}_tta_std"] = float(scored.tta_std[0])
         kind = "fused" if len(given) == 2 else next(iter(given))
         result["probability"] = fuse([result[f"{m}_probability"] for m in given])
         result["label"] = self.label(result["probability"], kind)
         result["threshold"] = self.thresholds[kind]
+        result["operating_point"] = self.operating_point
+        result["tta"] = tta
         return result
 
-    def predict_samples(self, samples: list[Sample], strict: bool = False) -> tuple[list[dict], list[tuple[str, str]]]:
-        """Rows (id, path, modality, probability, prediction) for many images, and the skipped ones."""
+    def predict_samples(self, samples: list[Sample], strict: bool = False,
+                        tta: int = 1) -> tuple[list[dict], list[tuple[str, str]]]:
+        """Rows (PREDICTION_COLUMNS, and tta_std with `tta` > 1) for many images, and the skipped ones."""
         for modality in sorted({s.modality for s in samples}):
             self.check_modality(modality)
         rows, skipped = [], []
@@ -80,12 +157,15 @@ class BasePipeline:
             group = [s for s in samples if s.modality == modality]
             if not group:
                 continue
-            images, kept, bad = load_dataset_images(group, self.preprocess_config, strict=strict,
-                                                    desc=f"read {modality}")
-            skipped += bad
-            for s, p in zip(kept, self.probabilities(images, modality)):
-                rows.append({"id": s.id, "path": str(s.path), "modality": modality, "probability": float(p),
-                             "prediction": self.label(float(p), modality)})
+            # the next batch decodes while this one runs (data/images.py); memory holds two batches
+            for batch in iter_batches(group, self.preprocess_config, BATCH, strict=strict):
+                skipped += batch.skipped
+                kept, images = batch.samples, batch.images
+                scored = self.score(images, modality, tta)
+                for i, (s, p) in enumerate(zip(kept, scored.probability)):
+                    rows.append({"id": s.id, "path": str(s.path), "modality": modality, "probability": float(p),
+                                 "prediction": self.label(float(p), modality), **_row_extras(scored, i),
+                                 "uncalibrated_probability": float(scored.uncalibrated[i])})
         return rows, skipped
 
 
@@ -94,5 +174,13 @@ def fuse(probabilities: list[float]) -> float:
     return float(np.mean(probabilities))
 
 
+def _row_extras(scored: Scored, i: int) -> dict:
+    """A batch row's shift columns (empty without a detector) and, with TTA, its spread."""
+    extras = {"in_distribution": None if scored.in_distribution is None else bool(scored.in_distribution[i]),
+              "ood_score": None if scored.ood_score is None else float(scored.ood_score[i])}
+    return extras if scored.tta_std is None else {**extras, "tta_std": float(scored.tta_std[i])}
+
+
 def write_predictions(path: str | Path, rows: list[dict]) -> None:
-    write_rows(path, rows, ["id", "path", "modality", "probability", "prediction"])
+    tta = ["tta_std"] if rows and "tta_std" in rows[0] else []
+    write_rows(path, rows, [*PREDICTION_COLUMNS, *tta])

@@ -10,9 +10,10 @@ from scipy.special import expit
 
 from respiscan.bundle import Bundle, BundleConfig
 from respiscan.errors import RespiscanError
+from respiscan.models.backbone import EMBED_DIM
 from respiscan.models.network import MMTLNet
 from respiscan.runtime import bf16_supported, predict_logits
-from respiscan.serving.pipeline import BasePipeline
+from respiscan.serving.pipeline import BasePipeline, Outputs
 
 
 def bf16_allowed(config: BundleConfig) -> bool:
@@ -35,8 +36,15 @@ class Pipeline(BasePipeline):
         self.net.eval()
         self.bf16 = bf16_allowed(self.config) if bf16 is None else bf16
 
-    def probabilities(self, images: np.ndarray, modality: str) -> np.ndarray:
+    def outputs(self, images: np.ndarray, modality: str) -> Outputs:
         self.check_modality(modality)
-        logits = predict_logits(lambda x: self.net(x, modality), torch.from_numpy(np.ascontiguousarray(images)),
-                                batch_size=32, bf16=self.bf16)
-        return expit(logits.astype(np.float64))
+
+        def logit_and_embedding(x: torch.Tensor) -> torch.Tensor:  # one tensor, so predict_logits batches it
+            out = self.net.logits_and_embedding(x, modality)
+            return torch.cat([out.logits[:, None], out.embedding], dim=1)
+
+        rows = predict_logits(logit_and_embedding, torch.from_numpy(np.ascontiguousarray(images)), batch_size=32,
+                              bf16=self.bf16)
+        if not len(rows):
+            return Outputs(np.zeros(0), np.zeros((0, EMBED_DIM), np.float32))
+        return Outputs(expit(rows[:, 0].astype(np.float64)), rows[:, 1:])

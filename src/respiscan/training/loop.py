@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from respiscan.models.mlp import SourceDiscriminator
 from respiscan.runtime import autocast, batches_per_epoch, device_of, minibatches, predict_logits, save_tensors
 from respiscan.training import distributed
 from respiscan.training.config import ClassifierFit
@@ -27,6 +28,42 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else float("nan")
+
+
+@dataclass(frozen=True)
+class SourceAdversary:
+    """Domain-adversarial training for a stage: a source discriminator learns the source from the model's
+    features, while the features are pushed to leave it guessing (cross-entropy to the uniform distribution,
+    Tzeng et al. 2015's domain confusion; a reversed gradient, Ganin et al. 2016, diverged at weight 3 in our
+    tests), with weight ramped from 0 to `weight` over the schedule (2 / (1 + e^-10p) - 1).
+
+    The discriminator is class-conditional (one source guess per class, the row's own class is used): where
+    sources differ in their COVID share, an unconditional one would also erase the disease, which then tells
+    the source; conditioned on the class, only what the source adds beyond the class is hidden."""
+
+    sources: torch.Tensor  # source index of every training row
+    n_sources: int
+    weight: float = 1.0
+
+    def scale(self, progress: float) -> float:
+        return self.weight * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0)
+
+
+class _WithAdversary(nn.Module):
+    """model + discriminator as one module, so that DDP, checkpoints and best-epoch states cover both.
+    Returns the COVID logit, the discriminator's view of the detached features (trains the discriminator) and
+    its frozen view of the live ones (trains the features only)."""
+
+    def __init__(self, model: nn.Module, adversary: SourceAdversary):
+        super().__init__()
+        self.model = model
+        self.discriminator = SourceDiscriminator(model.out.in_features, 2 * adversary.n_sources).to(device_of(model))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feature, logit = self.model.forward_with_features(x)
+        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+        return (logit, self.discriminator(feature.detach()),
+                torch.func.functional_call(self.discriminator, frozen, (feature,)))
 
 
 @dataclass
@@ -170,8 +207,12 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
                      y_val: torch.Tensor, settings: ClassifierFit, *, seed: int = 0, bf16: bool = False,
                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                      params: list[nn.Parameter] | None = None, log_path: Path | None = None,
-                     desc: str = "train", checkpoint_path: Path | None = None, shard: bool = True) -> FitResult:
+                     desc: str = "train", checkpoint_path: Path | None = None, shard: bool = True,
+                     weights: torch.Tensor | None = None, adversary: SourceAdversary | None = None) -> FitResult:
     """Fit `model(x) -> logit` with BCE; model selection on validation AUC (never on test).
+
+    `weights` draws each epoch's rows in proportion to them (balanced sampling); `adversary` adds a source
+    discriminator on the model's features (`forward_with_features`) that the features learn to confuse.
 
     Under torchrun with `shard`, each rank takes its shard of every batch and the loss is scaled so that DDP's
     gradient average equals the single-process gradient of the whole batch. Without `shard` (the small MLP
@@ -182,24 +223,38 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     gen = torch.Generator().manual_seed(seed)
     device = device_of(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    fitted = _WithAdversary(model, adversary) if adversary else model
+    if adversary:
+        params = [*params, *fitted.discriminator.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     steps_per_epoch = max(1, batches_per_epoch(len(x_train), settings.batch_size))
     scheduler = warmup_cosine(optimizer, settings.epochs * steps_per_epoch, settings.warmup_epochs * steps_per_epoch)
     y_train = y_train.float()
     sharded = shard and distributed.active()
-    step_model = DistributedDataParallel(model) if sharded else model
+    step_model = DistributedDataParallel(fitted) if sharded else fitted
+    total_steps = settings.epochs * steps_per_epoch
     world = distributed.world() if sharded else 1
 
     def train_epoch(epoch: int) -> dict[str, float]:
-        total, count = 0.0, 0
-        batches = minibatches(len(x_train), settings.batch_size, gen)
-        for idx in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False,
-                        disable=True if steps_per_epoch < 20 or not distributed.is_main() else None):
+        total, count, source_hits = 0.0, 0, 0
+        batches = minibatches(len(x_train), settings.batch_size, gen, weights)
+        for step, idx in enumerate(tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", unit="batch",
+                                        leave=False, disable=True if steps_per_epoch < 20 or not distributed.is_main()
+                                        else None)):
             xb = augment(x_train[idx], gen) if augment else x_train[idx]
             mine = distributed.shard(torch.arange(len(idx))) if sharded else torch.arange(len(idx))
             with autocast(bf16, device):
-                logits = step_model(xb[mine].to(device, non_blocking=True)).float()
+                out = step_model(xb[mine].to(device, non_blocking=True))
+            logits = (out[0] if adversary else out).float()
             loss_sum = F.binary_cross_entropy_with_logits(logits, y_train[idx][mine].to(device), reduction="sum")
+            if adversary:
+                weight = adversary.scale(((epoch - 1) * steps_per_epoch + step) / total_steps)
+                source = adversary.sources[idx][mine].to(device)
+                own = y_train[idx][mine].long().to(device)
+                guess, seen = (t.float().view(len(own), 2, -1)[torch.arange(len(own)), own] for t in out[1:])
+                confusion = -F.log_softmax(seen, dim=1).mean(dim=1).sum()
+                loss_sum = loss_sum + F.cross_entropy(guess, source, reduction="sum") + weight * confusion
+                source_hits += int((guess.argmax(1) == source).sum())
             optimizer.zero_grad(set_to_none=True)
             (loss_sum * world / len(idx)).backward()
             optimizer.step()
@@ -207,8 +262,11 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
             total += loss_sum.item()
             count += len(mine)
         if sharded:
-            total, count = distributed.all_sum([total, count])
-        return {"train_loss": total / max(count, 1), "lr": scheduler.get_last_lr()[0]}
+            total, count, source_hits = distributed.all_sum([total, count, source_hits])
+        row = {"train_loss": total / max(count, 1), "lr": scheduler.get_last_lr()[0]}
+        if adversary:  # near chance (1 / n_sources) once the features hide the source
+            row["train_source_acc"] = source_hits / max(count, 1)
+        return row
 
     def validate() -> dict[str, float]:
         distributed.sync_buffers(model)
@@ -221,5 +279,5 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     if settings.select == "last":
         monitor = None
     checkpoint = EpochCheckpoint(checkpoint_path, optimizer, scheduler, gen) if checkpoint_path else None
-    return fit(model, epochs=settings.epochs, train_epoch=train_epoch, validate=validate if len(x_val) else None,
+    return fit(fitted, epochs=settings.epochs, train_epoch=train_epoch, validate=validate if len(x_val) else None,
                monitor=monitor, patience=settings.patience, log_path=log_path, desc=desc, checkpoint=checkpoint)

@@ -15,17 +15,20 @@ import torch
 from torch import nn
 
 from respiscan.training.config import TrainConfig
-from respiscan.training.loop import train_classifier
+from respiscan.training.loop import SourceAdversary, train_classifier
 from respiscan.training.stages import finetune_adversarial, train_adversarial
 
 
 @dataclass(frozen=True)
 class SharedData:
-    """One split of the shared stage's input: embeddings of both modalities, COVID labels, modality (X-ray 1)."""
+    """One split of the shared stage's input: embeddings of both modalities, COVID labels, modality (X-ray 1),
+    sampling weights (balanced sampling, else None) and the source adversary (None with a single source)."""
 
     embeddings: torch.Tensor
     covid: torch.Tensor
     modality: torch.Tensor
+    weights: torch.Tensor | None = None
+    adversary: SourceAdversary | None = None
 
 
 def log_names(kind: str) -> list[str]:
@@ -35,7 +38,19 @@ def log_names(kind: str) -> list[str]:
 
 def fit_plain(module: nn.Module, train: SharedData, val: SharedData, cfg: TrainConfig, logs: list[Path]) -> None:
     train_classifier(module, train.embeddings, train.covid, val.embeddings, val.covid, cfg.mlp_fit, seed=cfg.seed,
-                     log_path=logs[0], desc="shared MLP", shard=False)
+                     log_path=logs[0], desc="shared MLP", shard=False, weights=train.weights)
+
+
+def fit_source_adversarial(module: nn.Module, train: SharedData, val: SharedData, cfg: TrainConfig,
+                           logs: list[Path]) -> None:
+    """The plain shared MLP on COVID labels while a discriminator, through gradient reversal, tries to tell the
+    acquisition source from its features: the reference's adversarial idea turned on the site instead of the
+    modality. With one training source there is nothing to hide and it trains as the plain kind."""
+    if train.adversary is None:
+        print("warning: shared kind source_adversarial with a single training source trains as plain")
+    train_classifier(module, train.embeddings, train.covid, val.embeddings, val.covid, cfg.mlp_fit, seed=cfg.seed,
+                     log_path=logs[0], desc="shared MLP (source-adversarial)", shard=False, weights=train.weights,
+                     adversary=train.adversary)
 
 
 def fit_adversarial(module: nn.Module, train: SharedData, val: SharedData, cfg: TrainConfig,
@@ -50,4 +65,5 @@ def fit_adversarial(module: nn.Module, train: SharedData, val: SharedData, cfg: 
 
 
 SharedFit = Callable[[nn.Module, SharedData, SharedData, TrainConfig, list[Path]], None]
-SHARED_FITS: dict[str, SharedFit] = {"plain": fit_plain, "adversarial": fit_adversarial}
+SHARED_FITS: dict[str, SharedFit] = {"plain": fit_plain, "adversarial": fit_adversarial,
+                                     "source_adversarial": fit_source_adversarial}

@@ -15,7 +15,12 @@ from respiscan.models.backbone import EmbeddingNet
 from respiscan.models.mlp import AdversarialSharedMLP, Discriminator
 from respiscan.runtime import autocast, device_of, minibatches
 from respiscan.training import distributed
-from respiscan.training.loop import ClassifierFit, FitResult, auc, fit, train_classifier
+from respiscan.training.config import Augment
+from respiscan.training.loop import ClassifierFit, FitResult, SourceAdversary, auc, fit, train_classifier
+
+# images per no-grad forward pass: efficientnet_b0's bf16 kernels ran ~15 % slower at 64 than at 32 (the batch
+# the raw forward was measured at), and no preset backbone gains from more
+INFERENCE_BATCH = 32
 
 
 def random_affine(images: torch.Tensor, gen: torch.Generator, max_rotate: float = 10.0, max_scale: float = 0.1,
@@ -36,6 +41,26 @@ def random_affine(images: torch.Tensor, gen: torch.Generator, max_rotate: float 
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (1 + u() * max_gain).view(-1, 1, 1, 1) + mean * (1 + u() * max_gain).view(-1, 1, 1, 1)
     return x.clamp(0, 255)
+
+
+def scanner_look(images: torch.Tensor, gen: torch.Generator, max_gamma: float = 1.4, min_scale: float = 0.5,
+                 max_noise: float = 0.04) -> torch.Tensor:
+    """What different scanners and export pipelines do to one image, drawn per image: intensity profile (gamma
+    in [1/max_gamma, max_gamma]), resolution (down to `min_scale` and back) and detector noise (sd up to
+    `max_noise` of the range). Float images in [0, 255] in and out, after `random_affine`."""
+    x = (images if images.ndim == 4 else images.unsqueeze(1)).float() / 255.0
+    n, size = len(x), x.shape[-2:]
+    u = torch.rand(n, 3, generator=gen)
+    x = x.clamp(0, 1) ** torch.exp((u[:, 0] * 2 - 1) * math.log(max_gamma)).view(-1, 1, 1, 1)
+    scales = min_scale + (1 - min_scale) * u[:, 1]
+    x = torch.cat([F.interpolate(F.interpolate(img[None], scale_factor=float(s), mode="area"), size=size,
+                                 mode="bilinear", align_corners=False) for img, s in zip(x, scales)])
+    x = x + torch.randn(x.shape, generator=gen) * (u[:, 2] * max_noise).view(-1, 1, 1, 1)
+    return (x * 255.0).clamp(0, 255)
+
+
+def scanner_augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return scanner_look(random_affine(images, gen), gen)
 
 
 class _DenseOnFeatures(nn.Module):
@@ -65,30 +90,36 @@ def _rows(fn, images: torch.Tensor, bf16: bool, batch_size: int, desc: str, dim:
 
 
 @torch.no_grad()
-def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64,
+def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = INFERENCE_BATCH,
                       desc: str = "features") -> torch.Tensor:
     return _rows(net.features, images, bf16, batch_size, desc, net.backbone.num_features)
 
 
 def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                   settings: ClassifierFit, *, frozen: bool, augment: bool, bf16: bool, seed: int,
-                   log_path: Path | None, desc: str, checkpoint_path: Path | None = None) -> FitResult:
+                   settings: ClassifierFit, *, frozen: bool, augment: Augment, bf16: bool, seed: int,
+                   log_path: Path | None, desc: str, checkpoint_path: Path | None = None,
+                   weights: torch.Tensor | None = None, adversary: SourceAdversary | None = None) -> FitResult:
     """Stage 1. A frozen (pretrained) backbone's features never change, so they are computed once and only the
-    dense layers train on them; a backbone without pretrained weights is trained whole, with augmentation."""
+    dense layers train on them; a backbone without pretrained weights is trained whole, with augmentation
+    (`augment`: none, affine, or affine + scanner look) and, given an `adversary`, against the source."""
     if frozen:
         net.backbone.requires_grad_(False)
         f_train = backbone_features(net, train[0], bf16, desc=f"{desc} features")
         f_val = backbone_features(net, val[0], bf16, desc=f"{desc} features")
         return train_classifier(_DenseOnFeatures(net), f_train, train[1], f_val, val[1], settings, seed=seed,
-                                params=[*net.dense.parameters(), *net.out.parameters()], log_path=log_path, desc=desc)
+                                params=[*net.dense.parameters(), *net.out.parameters()], log_path=log_path, desc=desc,
+                                weights=weights)
     net.backbone.requires_grad_(True)
     return train_classifier(net, train[0], train[1], val[0], val[1], settings, seed=seed, bf16=bf16,
-                            augment=random_affine if augment else None, log_path=log_path, desc=desc,
-                            checkpoint_path=checkpoint_path)
+                            augment=AUGMENTS[augment], log_path=log_path, desc=desc,
+                            checkpoint_path=checkpoint_path, weights=weights, adversary=adversary)
+
+
+AUGMENTS = {"none": None, "affine": random_affine, "scanner": scanner_augment}
 
 
 @torch.no_grad()
-def embed_images(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = 64,
+def embed_images(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch_size: int = INFERENCE_BATCH,
                  desc: str = "embed") -> torch.Tensor:
     """The 1280-d embeddings (LeakyReLU output) of a set of preprocessed images."""
     return _rows(net.embed, images, bf16, batch_size, desc, net.dense.out_features)

@@ -1,7 +1,9 @@
 """Train the whole pipeline, stage by stage, and write a bundle.
 
 Stages: embedding model(s) per modality -> embeddings -> task-specific MLP per modality -> shared MLP (one of
-the shared-feature kinds) over both modalities -> head per modality -> thresholds on validation -> bundle.
+the shared-feature kinds) over both modalities -> head per modality -> calibration and operating thresholds on
+the calibration split (carved from train by group; no stage fits or early-stops on it) -> shift detector on the
+task-specific embeddings (training/shift.py) -> bundle + model card.
 Each finished stage is saved atomically under `OUT/.stages/`, so `resume=True` continues from the last
 finished one. The test split is never loaded here.
 """
@@ -11,15 +13,17 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.special import expit
 
-from respiscan.bundle import LOGS, SPLITS_FILE, save_bundle
-from respiscan.data.audit import audit, check_strict
+from respiscan.bundle import LOGS, SPLITS_FILE, Bundle, save_bundle
+from respiscan.calibration import Calibration, OperatingPoint
+from respiscan.card import write_card
+from respiscan.data.audit import audit, check_strict, source_of
 from respiscan.data.images import load_dataset_images
 from respiscan.data.samples import (
     CLASS_NAMES,
@@ -33,21 +37,26 @@ from respiscan.data.samples import (
     describe,
     discover,
     fingerprint,
+    pair_cases,
     write_manifest,
 )
 from respiscan.errors import RespiscanError
-from respiscan.metrics import binary_metrics, choose_threshold
+from respiscan.metrics import ChosenThreshold, binary_metrics, fit_calibration, operating_threshold
 from respiscan.models.network import MMTLNet
 from respiscan.runtime import BF16_TOLERANCE, bf16_difference, bf16_supported, predict_logits, resolve_device
 from respiscan.training import distributed
 from respiscan.training.config import TrainConfig, preset
-from respiscan.training.loop import train_classifier
+from respiscan.training.loop import SourceAdversary, train_classifier
 from respiscan.training.shared import SHARED_FITS, SharedData, log_names
+from respiscan.training.shift import FittedOod, fit_ood, write_ood
 from respiscan.training.stages import embed_images, train_embedder
 from respiscan.training.store import StageStore
 from respiscan.utils import package_versions, seed_everything, write_json, write_rows
 
-FIT_SPLITS = ("train", "val")  # what training reads; test is never loaded here
+FIT_SPLITS = ("train", "val")  # what the stages fit and early-stop on; test is never loaded here
+CALIBRATION = "calib"  # carved from train like validation; read only to calibrate and choose thresholds
+MIN_CALIBRATION_CASES = 10  # of each class, to fit a calibration map (fewer: probabilities stay as they are)
+CROSSFIT = "crossfit"  # the part of train kept from the backbone stage for the MLP stages (TrainConfig.crossfit)
 XRAY = MODALITIES[0]
 Split = tuple[torch.Tensor, torch.Tensor]  # images or features, labels
 
@@ -63,23 +72,62 @@ class FitData:
     skipped: list[tuple[str, str]]
     audit: dict
     fingerprint: dict
+    rows: dict[tuple[str, str], list[Sample]]  # the samples behind each (modality, split) of `images`, in order
 
     def labels(self, modality: str, split: str) -> torch.Tensor:
         return self.images[modality, split][1]
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(sp for _, sp in self.images))
+
+    @property
+    def mlp_split(self) -> str:
+        """What the MLP stages fit: the cross-fitting part of train (kept from the backbone), else train."""
+        return CROSSFIT if CROSSFIT in self.splits else "train"
+
+    def strata(self, modalities: list[str], split: str) -> tuple[list[str], list[str]]:
+        """Per row of `split` (the modalities' rows concatenated in order): its modality:source, and that
+        with its class; the first names the sources an adversary sees, the second balances sampling."""
+        rows = [s for m in modalities for s in self.rows[m, split]]
+        sources = [f"{s.modality}:{source_of(s)}" for s in rows]
+        return sources, [f"{src}|{s.label}" for src, s in zip(sources, rows)]
+
+    def balance_weights(self, modalities: list[str], split: str) -> torch.Tensor:
+        """Sampling weights that give every (modality, source, class) the same total weight."""
+        strata = self.strata(modalities, split)[1]
+        counts = Counter(strata)
+        return torch.tensor([1.0 / counts[k] for k in strata], dtype=torch.float64)
+
+    def adversary(self, modalities: list[str], split: str, weight: float) -> SourceAdversary | None:
+        """A source adversary over `split`'s rows, or None when it has one source only (nothing to hide)."""
+        sources = self.strata(modalities, split)[0]
+        names = sorted(set(sources))
+        if weight <= 0 or len(names) < 2:
+            return None
+        codes = torch.tensor([names.index(src) for src in sources], dtype=torch.long)
+        return SourceAdversary(codes, len(names), weight)
+
 
 @dataclass
 class Validation:
-    """The operating thresholds and metrics chosen on the validation split, and its predictions."""
+    """Calibration maps and operating thresholds (chosen on the calibration split), the validation split's
+    metrics at those thresholds, and both splits' predictions (calibrated, and as the network gave them)."""
 
     thresholds: dict[str, float]
     metrics: dict[str, dict]
     rows: list[dict]
+    calibration: dict[str, Calibration]
+    operating_points: dict[str, dict]
+    calibration_rows: list[dict]
 
 
 def fit_samples_of(data: DataPaths, cfg: TrainConfig, samples: list[Sample] | None = None) -> list[Sample]:
-    """Every sample (discovered unless given), with the validation split carved from train by group."""
+    """Every sample (discovered unless given), with the validation and calibration splits carved from train by
+    group (validation first, so its carving is the one earlier versions made)."""
     samples = carve_validation(discover(data) if samples is None else samples, cfg.val_fraction, cfg.seed)
+    if cfg.calibration_fraction:
+        samples = carve_validation(samples, cfg.calibration_fraction, cfg.seed + 2, into=CALIBRATION)
     check_trainable(samples, describe(data))
     return samples
 
@@ -88,33 +136,44 @@ def prepare_data(samples: list[Sample], cfg: TrainConfig, *, strict: bool, cache
                  where: str) -> FitData:
     """Audit, then read + preprocess the train and validation images of the model's modalities."""
     found = audit(samples, progress=distributed.is_main())
-    for warning in found["warnings"] if distributed.is_main() else []:
-        print(f"audit: {warning}")
+    for line in [f"error: {e}" for e in found["errors"]] + found["warnings"] if distributed.is_main() else []:
+        print(f"audit: {line}")
     if strict:
         check_strict(found)
-    fit_samples = [s for s in samples if s.split in FIT_SPLITS]
+    fit_samples = [s for s in samples if s.split in (*FIT_SPLITS, CALIBRATION)]
     images, fit_samples, skipped = load_dataset_images(fit_samples, cfg.preprocess, strict=strict, cache_dir=cache_dir)
     for _, reason in skipped:
         print(f"warning: skipped {reason}")
     check_trainable(fit_samples, where)
-    splits = {}
+    held = crossfit_ids(fit_samples, cfg.crossfit, cfg.seed) if cfg.crossfit else set()
+    parts = [CROSSFIT if s.id in held else s.split for s in fit_samples]
+    splits, rows = {}, {}
     for m in cfg.model.modalities:
-        for sp in FIT_SPLITS:
-            idx = [i for i, s in enumerate(fit_samples) if s.modality == m and s.split == sp]
+        for sp in FIT_SPLITS + ((CROSSFIT,) if held else ()) + ((CALIBRATION,) if CALIBRATION in parts else ()):
+            idx = [i for i, s in enumerate(fit_samples) if s.modality == m and parts[i] == sp]
+            rows[m, sp] = [fit_samples[i] for i in idx]
             splits[m, sp] = (torch.from_numpy(images[idx]),
                              torch.tensor([fit_samples[i].label for i in idx], dtype=torch.float32))
-    return FitData(samples, fit_samples, splits, skipped, found, fingerprint(samples))
+    return FitData(samples, fit_samples, splits, skipped, found, fingerprint(samples), rows)
+
+
+def crossfit_ids(samples: list[Sample], fraction: float, seed: int) -> set[str]:
+    """Ids of a group-aware, source x class stratified `fraction` of the train samples (validation's carving)."""
+    carved = carve_validation([s for s in samples if s.split == "train"], fraction, seed + 1)
+    return {s.id for s in carved if s.split == "val"}
 
 
 def stage_keys(store: StageStore, net: MMTLNet, cfg: TrainConfig, data: FitData) -> dict[str, str]:
     """Each stage's key hashes everything it depends on: data, seed, its settings and the earlier stages'."""
     base = (data.fingerprint["samples_sha256"], cfg.seed, cfg.val_fraction, cfg.preprocess.to_dict(),
-            str(cfg.pretrained), cfg.augment, cfg.backbone_fit.to_dict())
+            str(cfg.pretrained), cfg.augment, cfg.backbone_fit.to_dict(), cfg.balance, cfg.backbone_source_adversary,
+            cfg.crossfit)
     keys = {name: store.key(name, base, e.backbone.default_cfg.get("architecture"))
             for name, e in net.embedders.items()}
     mlp = (dict(keys), cfg.mlp_fit.to_dict())
     keys.update({f"task_mlp_{m}": store.key(f"task_mlp_{m}", mlp) for m in cfg.model.modalities})
-    shared_settings = (mlp, cfg.model.shared, cfg.adversarial_epochs, cfg.adversarial_finetune)
+    shared_settings = (mlp, cfg.model.shared, cfg.adversarial_epochs, cfg.adversarial_finetune,
+                       cfg.shared_source_adversary)
     keys["shared"] = store.key(f"shared_{cfg.model.shared}", shared_settings)
     keys.update({f"head_{m}": store.key(f"head_{m}", shared_settings) for m in cfg.model.modalities})
     return keys
@@ -128,16 +187,20 @@ def train_embedders(net: MMTLNet, cfg: TrainConfig, data: FitData, store: StageS
         modality = key.split("_", 1)[1]
         stage_log = logs / f"embedding_{key}.csv"
         if not store.load_module(keys[key], embedder, stage_log):
+            frozen = cfg.pretrained is not False
             train_embedder(embedder, data.images[modality, "train"], data.images[modality, "val"], cfg.backbone_fit,
-                           frozen=cfg.pretrained is not False, augment=cfg.augment, bf16=bf16, seed=cfg.seed,
+                           frozen=frozen, augment=cfg.augment, bf16=bf16, seed=cfg.seed,
                            log_path=stage_log, checkpoint_path=store.epoch_checkpoint(keys[key]),
-                           desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})")
+                           desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})",
+                           weights=data.balance_weights([modality], "train") if cfg.balance != "none" else None,
+                           adversary=None if frozen else data.adversary([modality], "train",
+                                                                        cfg.backbone_source_adversary))
             store.save_module(keys[key], embedder, stage_log)
             store.epoch_checkpoint(keys[key]).unlink(missing_ok=True)
         cached = store.load_tensors(f"embeddings_{keys[key]}")
         if cached is None:
             cached = {sp: embed_images(embedder, data.images[modality, sp][0], bf16, desc=f"embed {key} {sp}")
-                      for sp in FIT_SPLITS}
+                      for sp in data.splits}
             store.save_tensors(f"embeddings_{keys[key]}", cached)
         for sp, tensor in cached.items():
             if not torch.isfinite(tensor).all():
@@ -145,6 +208,10 @@ def train_embedders(net: MMTLNet, cfg: TrainConfig, data: FitData, store: StageS
                                      "(diverged training or a damaged stage file); train again without --resume")
             emb[key, sp] = tensor
     return emb
+
+
+def _weights(cfg: TrainConfig, data: FitData, modalities: list[str], split: str) -> torch.Tensor | None:
+    return data.balance_weights(modalities, split) if cfg.balance != "none" else None
 
 
 def _shared_input(net: MMTLNet, modality: str) -> str:
@@ -155,12 +222,13 @@ def _shared_input(net: MMTLNet, modality: str) -> str:
 def train_task_mlps(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store: StageStore,
                     keys: dict[str, str], logs: Path) -> None:
     """Stage 2: the task-specific MLP of each modality, on its own embeddings."""
+    fit = data.mlp_split
     for m in cfg.model.modalities:
         stage_log = logs / f"task_mlp_{m}.csv"
         if not store.load_module(keys[f"task_mlp_{m}"], net.task[m], stage_log):
-            train_classifier(net.task[m], emb[f"task_{m}", "train"], data.labels(m, "train"), emb[f"task_{m}", "val"],
+            train_classifier(net.task[m], emb[f"task_{m}", fit], data.labels(m, fit), emb[f"task_{m}", "val"],
                              data.labels(m, "val"), cfg.mlp_fit, seed=cfg.seed, log_path=stage_log, shard=False,
-                             desc=f"task-specific MLP {m}")
+                             desc=f"task-specific MLP {m}", weights=_weights(cfg, data, [m], fit))
             store.save_module(keys[f"task_mlp_{m}"], net.task[m], stage_log)
 
 
@@ -172,13 +240,15 @@ def train_shared(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store
     stage_logs = [logs / f"{name}.csv" for name in log_names(cfg.model.shared)]
     if store.load_module(keys["shared"], net.shared, *stage_logs):
         return
-    modalities = cfg.model.modalities
+    modalities, fit = cfg.model.modalities, data.mlp_split
     pooled = {sp: SharedData(
         embeddings=torch.cat([emb[_shared_input(net, m), sp] for m in modalities]),
         covid=torch.cat([data.labels(m, sp) for m in modalities]),
-        modality=torch.cat([torch.full((len(data.labels(m, sp)),), float(m == XRAY)) for m in modalities]))
-        for sp in FIT_SPLITS}
-    SHARED_FITS[cfg.model.shared](net.shared, pooled["train"], pooled["val"], cfg, stage_logs)
+        modality=torch.cat([torch.full((len(data.labels(m, sp)),), float(m == XRAY)) for m in modalities]),
+        weights=_weights(cfg, data, modalities, sp),
+        adversary=data.adversary(modalities, sp, cfg.shared_source_adversary))
+        for sp in (fit, "val")}
+    SHARED_FITS[cfg.model.shared](net.shared, pooled[fit], pooled["val"], cfg, stage_logs)
     store.save_module(keys["shared"], net.shared, *stage_logs)
 
 
@@ -187,35 +257,111 @@ def train_heads(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store:
     """Stage 4: a head per modality on [task-specific ; shared] features; returns those features."""
     net.eval()
     head_x: dict[tuple[str, str], torch.Tensor] = {}
+    fit = data.mlp_split
     for m in cfg.model.modalities:
-        for sp in FIT_SPLITS:
+        for sp in data.splits:
             with torch.no_grad():
                 head_x[m, sp] = net.head_features(m, emb[f"task_{m}", sp].to(device),
                                                   emb[_shared_input(net, m), sp].to(device)).cpu()
         stage_log = logs / f"head_{m}.csv"
         if not store.load_module(keys[f"head_{m}"], net.heads[m], stage_log):
-            train_classifier(net.heads[m], head_x[m, "train"], data.labels(m, "train"), head_x[m, "val"],
+            train_classifier(net.heads[m], head_x[m, fit], data.labels(m, fit), head_x[m, "val"],
                              data.labels(m, "val"), cfg.mlp_fit, seed=cfg.seed, log_path=stage_log, desc=f"head {m}",
-                             shard=False)
+                             shard=False, weights=_weights(cfg, data, [m], fit))
             store.save_module(keys[f"head_{m}"], net.heads[m], stage_log)
     net.eval()
     return head_x
 
 
+def _operating_point(chosen: ChosenThreshold, chosen_on: str) -> dict:
+    """The bundle's record of one threshold (bundle.OperatingPointRecord)."""
+    return {"point": {"rule": chosen.point.rule, "target": chosen.point.target}, "threshold": chosen.threshold,
+            "ci": chosen.ci, "chosen_on": chosen_on, "n": chosen.n, "n_positive": chosen.n_positive,
+            "sensitivity": chosen.sensitivity, "specificity": chosen.specificity,
+            "scores": {"scores": chosen.scores.scores, "positives": chosen.scores.positives,
+                       "negatives": chosen.scores.negatives}}
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return 0 < labels.sum() < len(labels)
+
+
 def choose_thresholds(net: MMTLNet, cfg: TrainConfig, data: FitData, head_x: dict,
                       device: torch.device) -> Validation:
-    """Operating thresholds (Youden) and metrics on the validation split; never the test split."""
-    thresholds, metrics, rows = {}, {}, []
+    """Per modality, a calibration map and the operating threshold (`cfg.operating_point`, with its bootstrap CI)
+    on the calibration split, which no stage fitted or early-stopped on; then the fused probability's threshold,
+    the same way, on the split's X-ray/CT pairs. Where the calibration split lacks a class, the probabilities
+    stay uncalibrated and the threshold comes from the validation split, and the bundle says so."""
+    point = OperatingPoint.parse(cfg.operating_point)
+    thresholds, metrics, rows, cal_rows = {}, {}, [], []
+    calibration: dict[str, Calibration] = {}
+    points: dict[str, dict] = {}
+    calibrated: dict[str, dict[str, float]] = {}  # sample id -> calibrated p on the calibration split
     for m in cfg.model.modalities:
-        y = data.labels(m, "val").numpy()
-        p = expit(predict_logits(net.heads[m], head_x[m, "val"], device=device).astype(np.float64))
-        thresholds[m] = float(choose_threshold(y, p)) if len(np.unique(y)) == 2 else 0.5
-        metrics[m] = binary_metrics(y, p, thresholds[m])
-        ids = [s.id for s in data.fit_samples if s.modality == m and s.split == "val"]
-        rows += [{"id": i, "modality": m, "label": CLASS_NAMES[int(t)], "probability": float(q)}
-                 for i, t, q in zip(ids, y, p)]
-    thresholds["fused"] = 0.5
-    return Validation(thresholds, metrics, rows)
+        raw = {sp: expit(predict_logits(net.heads[m], head_x[m, sp], device=device).astype(np.float64))
+               for sp in ("val", CALIBRATION) if (m, sp) in head_x}
+        y_cal = data.labels(m, CALIBRATION).numpy() if CALIBRATION in raw else np.zeros(0)
+        if _both_classes(y_cal):
+            described = f"{len(y_cal)} {m} images ({int(y_cal.sum())} COVID)"
+            if min(y_cal.sum(), len(y_cal) - y_cal.sum()) >= MIN_CALIBRATION_CASES:
+                calibration[m] = fit_calibration(y_cal, raw[CALIBRATION], cfg.calibration, fitted_on=(
+                    f"calibration split: {described}, carved from train by group; no stage fitted or stopped on it"))
+            else:  # a map fitted on a handful of cases follows their noise (a slope of 3e5 on 2 images)
+                calibration[m] = Calibration("identity", fitted_on=f"not calibrated: the calibration split has "
+                                                                    f"{described}, fewer than {MIN_CALIBRATION_CASES} "
+                                                                    "of a class")
+            split, where = CALIBRATION, f"calibration split, {described}"
+        else:
+            calibration[m] = Calibration("identity", fitted_on="not calibrated: the calibration split has no "
+                                                                f"{m} images of both classes")
+            split, where = "val", ("validation split (the calibration split lacked a class; validation also "
+                                   "chose the epochs)")
+        p = {sp: calibration[m].apply(q) for sp, q in raw.items()}
+        y = data.labels(m, split).numpy()
+        if _both_classes(y):
+            chosen = operating_threshold(y, p[split], point, groups=[s.group or s.id for s in data.rows[m, split]],
+                                         seed=cfg.seed)
+            thresholds[m], points[m] = chosen.threshold, _operating_point(chosen, where)
+        else:
+            thresholds[m] = 0.5  # one class only: nothing to choose a threshold on
+        y_val = data.labels(m, "val").numpy()
+        metrics[m] = binary_metrics(y_val, p["val"], thresholds[m])
+        for sp, target in (("val", rows), (CALIBRATION, cal_rows)):
+            target += [{"id": s.id, "modality": m, "label": CLASS_NAMES[s.label], "probability": float(q),
+                        "uncalibrated_probability": float(r)}
+                       for s, q, r in zip(data.rows.get((m, sp), []), p.get(sp, []), raw.get(sp, []))]
+        if split == CALIBRATION:
+            calibrated[m] = {s.id: float(q) for s, q in zip(data.rows[m, CALIBRATION], p[CALIBRATION])}
+    if len(cfg.model.modalities) > 1:
+        thresholds["fused"], fused = _fused_threshold(data, calibrated, thresholds, point, cfg.seed)
+        if fused:
+            points["fused"] = fused
+    return Validation(thresholds, metrics, rows, calibration, points, cal_rows)
+
+
+def _fused_threshold(data: FitData, calibrated: dict[str, dict[str, float]], thresholds: dict[str, float],
+                     point: OperatingPoint, seed: int) -> tuple[float, dict | None]:
+    """The fused probability's threshold, chosen like the modalities' on the calibration split's X-ray/CT pairs of
+    one patient (a shared group id). Without such pairs of both classes: the mean of the per-modality thresholds,
+    the fused value of a case at both modalities' operating points (images of different patients paired by label
+    would say nothing about fusion; evaluate does not pair them either)."""
+    pairs, _ = pair_cases(*(data.rows.get((m, CALIBRATION), []) if m in calibrated else [] for m in MODALITIES),
+                          seed=seed)
+    pairs = [(x, c) for x, c in pairs if x.group and x.group == c.group]
+    y = np.array([x.label for x, _ in pairs])
+    if not _both_classes(y):
+        return float(np.mean([thresholds[m] for m in MODALITIES])), None
+    fused = np.array([(calibrated["xray"][x.id] + calibrated["ct"][c.id]) / 2 for x, c in pairs])
+    chosen = operating_threshold(y, fused, point, groups=[x.group for x, _ in pairs], seed=seed)
+    return chosen.threshold, _operating_point(chosen, f"calibration split, X-ray/CT pairs of one patient: "
+                                                      f"{len(pairs)} pairs ({int(y.sum())} COVID), mean of "
+                                                      "calibrated probabilities")
+
+
+def fit_shift_detector(cfg: TrainConfig, emb: dict) -> FittedOod:
+    """Stage 5: the "unlike my training images" detector on the task-specific embeddings (training/shift.py)."""
+    return fit_ood({m: emb[f"task_{m}", "train"].numpy() for m in cfg.model.modalities},
+                   {m: emb[f"task_{m}", "val"].numpy() for m in cfg.model.modalities})
 
 
 def check_bf16(net: MMTLNet, cfg: TrainConfig, data: FitData, device: torch.device) -> dict | None:
@@ -227,8 +373,9 @@ def check_bf16(net: MMTLNet, cfg: TrainConfig, data: FitData, device: torch.devi
 
 
 def write_bundle(out: Path, net: MMTLNet, cfg: TrainConfig, data_path: DataPaths, data: FitData,
-                 validation: Validation, bf16_check: dict | None, seconds: float) -> Path:
-    """The bundle: weights + config, then metrics.json, validation predictions and the split of every image."""
+                 validation: Validation, bf16_check: dict | None, seconds: float, ood: FittedOod) -> Path:
+    """The bundle: shift statistics, weights + config, then metrics.json, validation predictions and the split
+    of every image."""
     counts = Counter(f"{s.modality}/{s.split}/{CLASS_NAMES[s.label]}" for s in data.fit_samples)
     sources: dict[str, dict[str, int]] = {}
     for row in count_by_source(data.fit_samples):
@@ -240,15 +387,22 @@ def write_bundle(out: Path, net: MMTLNet, cfg: TrainConfig, data_path: DataPaths
         "fusion": "mean of the per-modality probabilities", "training": cfg.to_dict(), "versions": package_versions(),
         "data": {"path": ", ".join(paths), "fingerprint": data.fingerprint, "counts": dict(sorted(counts.items())),
                  "skipped": [{"id": i, "reason": r} for i, r in data.skipped], "paths": paths, "sources": sources},
-        "audit": {k: data.audit[k] for k in ("n_images", "cross_split_duplicates", "near_threshold", "confounds",
-                                             "warnings")},
+        "audit": {k: data.audit[k] for k in ("n_images", "cross_split_duplicates", "similarity", "label_conflicts",
+                                             "similar_across_splits", "groups_across_splits", "ungrouped",
+                                             "shortcuts", "confounds", "errors", "warnings")},
         "validation_metrics": validation.metrics, "bf16_check": bf16_check, "train_seconds": round(seconds, 1),
+        "ood": write_ood(out, ood),
+        "calibration": {m: asdict(c) for m, c in validation.calibration.items()},
+        "operating_points": validation.operating_points,
     }
     save_bundle(out, net, config)
     write_json(out / "metrics.json", {"split": "validation", "metrics": validation.metrics,
                                       "thresholds": validation.thresholds})
     write_rows(out / "validation_predictions.csv", validation.rows)
+    write_rows(out / "calibration_predictions.csv", validation.calibration_rows,
+               ["id", "modality", "label", "probability", "uncalibrated_probability"])
     write_manifest(data.samples, out / SPLITS_FILE)
+    write_card(Bundle.open(out))
     return out
 
 
@@ -282,10 +436,11 @@ def train(data: DataPaths, out: str | Path, config: TrainConfig | None = None, *
     train_shared(net, cfg, fit_data, emb, store, keys, logs)
     head_x = train_heads(net, cfg, fit_data, emb, store, keys, logs, torch_device)
     validation = choose_thresholds(net, cfg, fit_data, head_x, torch_device)
+    ood = fit_shift_detector(cfg, emb)
     if not distributed.is_main():
         return out
     bf16_check = check_bf16(net, cfg, fit_data, torch_device) if bf16 else None
-    write_bundle(out, net, cfg, data, fit_data, validation, bf16_check, time.perf_counter() - t_start)
+    write_bundle(out, net, cfg, data, fit_data, validation, bf16_check, time.perf_counter() - t_start, ood)
     if not stages_dir:
         shutil.rmtree(store.folder, ignore_errors=True)
     return out

@@ -1,0 +1,141 @@
+"""The distribution-shift warning: fitted in training, scored alike by both engines, and it flags what is not a
+chest scan of the bundle's modality (made-up photographs, drawings, noise, and the other modality)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from sklearn.covariance import LedoitWolf
+
+from foreign import foreign_images
+from respiscan.bundle import OOD_FILE, Bundle, OodDetector
+from respiscan.cli import main
+from respiscan.data.images import load_dataset_images
+from respiscan.data.samples import discover
+from respiscan.errors import RespiscanError
+from respiscan.records import build
+from respiscan.serving.export import export_onnx
+from respiscan.serving.onnx_engine import OnnxPipeline
+from respiscan.serving.pipeline import write_predictions
+from respiscan.serving.shift import ShiftScorer
+from respiscan.serving.torch_engine import Pipeline
+from respiscan.training.shift import fit_ood, write_ood
+
+OTHER = {"xray": "ct", "ct": "xray"}
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return Pipeline(bundle, bf16=False)
+
+
+def _test_images(pipe, synth_data, modality: str, given_as: str) -> np.ndarray:
+    """The test images of `modality`, preprocessed as `given_as` (the other modality: a swapped input)."""
+    paths = [s.path for s in discover(synth_data) if s.modality == modality and s.split == "test"]
+    return np.stack([pipe.prepare(p, given_as) for p in paths])
+
+
+def test_numpy_score_is_sklearns_mahalanobis_over_the_validation_threshold(tmp_path):
+    rng = np.random.default_rng(0)
+    cov = np.diag(rng.uniform(0.5, 2.0, 24))
+    train, val, shifted = (rng.multivariate_normal(np.zeros(24), cov, n) for n in (300, 400, 50))
+    fitted = fit_ood({"xray": train}, {"xray": val})
+    ood, _ = build(OodDetector, write_ood(tmp_path, fitted), "ood")  # as BundleConfig reads the record
+    scores = ShiftScorer(tmp_path, ood).score(val, "xray")
+    want = np.sqrt(LedoitWolf().fit(train).mahalanobis(val)) / ood.modalities["xray"].threshold
+    assert np.allclose(scores.score, want, rtol=1e-4)
+    assert scores.in_distribution.mean() == pytest.approx(0.95, abs=0.01)  # the 5 % false-alarm rate, on val
+    assert ShiftScorer(tmp_path, ood).score(shifted + 2.0, "xray").in_distribution.mean() < 0.1
+
+
+def test_training_records_the_detector(bundle):
+    ood = Bundle.open(bundle).config.ood
+    assert ood is not None and (bundle / ood.file).is_file() and ood.false_alarm_rate == 0.05
+    for m in ("xray", "ct"):
+        limit = ood.modalities[m]
+        assert limit.threshold > 0 and limit.n_train > limit.n_val >= 1
+
+
+@pytest.mark.parametrize("modality", ["xray", "ct"])
+def test_foreign_images_and_the_other_modality_are_flagged(pipe, synth_data, modality):
+    own = pipe.score(_test_images(pipe, synth_data, modality, modality), modality)
+    swapped = pipe.score(_test_images(pipe, synth_data, OTHER[modality], modality), modality)
+    assert swapped.in_distribution.mean() == 0.0
+    for kind, images in foreign_images(8, seed=3).items():
+        scored = pipe.score(np.stack([pipe.prepare(image, modality) for image in images]), modality)
+        assert (~scored.in_distribution).mean() >= 0.95, kind
+        assert np.median(scored.ood_score) > 2 * np.median(own.ood_score), kind
+    # the threshold comes from 3 validation images here, so in-source test images sit near it, but below the rest
+    assert np.median(own.ood_score) < 1.5 and own.ood_score.max() < swapped.ood_score.min()
+
+
+def test_predict_warns_on_stderr_and_reports_per_modality(bundle, synth_data, tmp_path, capsys, monkeypatch):
+    import cv2
+
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), foreign_images(1, seed=5)["photograph"][0])
+    ct = next(s.path for s in discover(synth_data) if s.modality == "ct" and s.split == "test")
+    monkeypatch.setattr(sys, "argv", ["respiscan", "predict", str(bundle), "--xray", str(photo), "--ct", str(ct),
+                                      "--json", "--engine", "torch"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    out, err = capsys.readouterr()
+    assert done.value.code in (0, None)
+    result = json.loads(out)
+    assert result["xray_in_distribution"] is False and result["xray_ood_score"] > 1
+    assert isinstance(result["ct_in_distribution"], bool) and result["ct_ood_score"] > 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len([w for w in warnings if "X-ray input is unlike" in w]) == 1
+
+
+def test_batch_rows_and_csv_carry_the_columns(pipe, synth_data, tmp_path):
+    rows, _ = pipe.predict_samples([s for s in discover(synth_data) if s.split == "test"])
+    assert all(isinstance(r["in_distribution"], bool) and r["ood_score"] > 0 for r in rows)
+    write_predictions(tmp_path / "p.csv", rows)
+    with open(tmp_path / "p.csv", newline="") as f:
+        header = csv.DictReader(f).fieldnames
+    assert {"in_distribution", "ood_score"} <= set(header)
+
+
+def test_torch_and_onnx_agree_on_the_shift_score(bundle, synth_data, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    export_onnx(copy)
+    torch_pipe, onnx_pipe = Pipeline(copy, bf16=False), OnnxPipeline(copy, threads=1)
+    samples = discover(synth_data)
+    for m in ("xray", "ct"):
+        images, _, _ = load_dataset_images([s for s in samples if s.modality == m], onnx_pipe.preprocess_config)
+        images = np.concatenate([images, _test_images(torch_pipe, synth_data, OTHER[m], m)])
+        want, got = torch_pipe.score(images, m), onnx_pipe.score(images, m)
+        assert np.allclose(got.ood_score, want.ood_score, rtol=1e-3, atol=1e-4)
+        assert (got.in_distribution == want.in_distribution).mean() >= 0.95  # equal but within 1e-3 of 1
+
+
+def test_a_bundle_without_the_detector_still_predicts(bundle, synth_data, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["ood"]
+    (old / "config.json").write_text(json.dumps(config))
+    (old / OOD_FILE).unlink()
+    xray = next(s.path for s in discover(synth_data) if s.modality == "xray" and s.split == "test")
+    result = Pipeline(old, bf16=False).predict(xray=xray)
+    assert result["xray_in_distribution"] is None and result["xray_ood_score"] is None
+    assert result["xray_probability"] == pytest.approx(Pipeline(bundle, bf16=False).predict(xray=xray)["probability"])
+    rows, _ = Pipeline(old, bf16=False).predict_samples([s for s in discover(synth_data) if s.split == "test"][:3])
+    assert all(r["in_distribution"] is None and r["ood_score"] is None for r in rows)
+
+
+def test_modified_statistics_are_refused(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / OOD_FILE).read_bytes())
+    data[-8] ^= 0xFF
+    (copy / OOD_FILE).write_bytes(bytes(data))
+    with pytest.raises(RespiscanError, match=f"{OOD_FILE}: does not match the hash"):
+        Pipeline(copy)

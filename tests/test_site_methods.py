@@ -1,0 +1,149 @@
+"""Methods against the site shortcut (issue 11): balanced sampling, source adversary, body crop, scanner
+augmentation, cross-fitting; each checked on a computation where the shortcut is planted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from respiscan.data.preprocess import body_outline, preprocess
+from respiscan.data.samples import discover
+from respiscan.data.synth import SiteLook, apply_look
+from respiscan.models.mlp import SharedMLP
+from respiscan.runtime import minibatches
+from respiscan.training.config import ClassifierFit
+from respiscan.training.loop import SourceAdversary, auc, train_classifier
+from respiscan.training.stages import scanner_look
+from respiscan.training.trainer import CROSSFIT, fit_samples_of, prepare_data
+
+LOOKS = np.random.default_rng(99).normal(0, 1, (2, 4)) * 3  # each site's fixed offset in 4 "appearance" features
+FIT = ClassifierFit(epochs=12, patience=12, batch_size=64, lr=1e-3, weight_decay=1e-3, select="last")
+
+
+def confounded(n: int, covid_share: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings of two sites: 4 features tell the site (strongly), 4 the disease (weakly, d' = 1 each)."""
+    rng = np.random.default_rng(seed)
+    xs, ys, sites = [], [], []
+    for site, share in enumerate(covid_share):
+        y = (rng.random(n) < share).astype(np.float32)
+        xs.append(np.hstack([LOOKS[site] + rng.normal(0, 0.3, (n, 4)), y[:, None] + rng.normal(0, 1, (n, 4))]))
+        ys.append(y)
+        sites.append(np.full(n, site))
+    return (torch.tensor(np.vstack(xs), dtype=torch.float32), torch.tensor(np.concatenate(ys)),
+            torch.tensor(np.concatenate(sites)))
+
+
+def fit_on_confounded(seed: int, balance: bool = False) -> float:
+    """Train where site A is 90 % COVID and site B 10 %; AUC where both sites are 50 % (the shortcut fails)."""
+    x, y, site = confounded(200, [0.9, 0.1], seed)
+    xv, yv, _ = confounded(60, [0.9, 0.1], seed + 100)
+    xt, yt, _ = confounded(200, [0.5, 0.5], seed + 200)
+    weights = None
+    if balance:
+        counts = Counter(zip(site.tolist(), y.tolist()))
+        weights = torch.tensor([1 / counts[k] for k in zip(site.tolist(), y.tolist())])
+    torch.manual_seed(0)
+    model = SharedMLP(in_dim=8)
+    train_classifier(model, x, y, xv, yv, FIT, seed=seed, shard=False, weights=weights)
+    with torch.no_grad():
+        return auc(yt.numpy(), model(xt).numpy())
+
+
+def test_weighted_minibatches_draw_every_stratum_equally():
+    strata = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    counts = Counter(strata.tolist())
+    weights = torch.tensor([1 / counts[int(s)] for s in strata])
+    drawn = torch.cat(list(minibatches(len(strata), 100, torch.Generator().manual_seed(0), weights)))
+    share = np.bincount(strata[drawn].numpy(), minlength=3) / len(drawn)
+    assert len(drawn) == len(strata)
+    np.testing.assert_allclose(share, 1 / 3, atol=0.05)
+
+
+def test_source_class_balance_recovers_what_the_site_shortcut_costs():
+    plain = np.mean([fit_on_confounded(seed) for seed in range(2)])
+    balanced = np.mean([fit_on_confounded(seed, balance=True) for seed in range(2)])
+    assert balanced > plain + 0.04, (plain, balanced)
+
+
+def test_source_adversary_leaves_its_discriminator_guessing():
+    """The discriminator reads the source almost perfectly at first; as the confusion weight ramps up the
+    features stop telling it (its training accuracy falls towards chance, 0.5 for two sources)."""
+    x, y, site = confounded(200, [0.9, 0.1], 0)
+    xv, yv, _ = confounded(60, [0.9, 0.1], 100)
+    torch.manual_seed(0)
+    result = train_classifier(SharedMLP(in_dim=8), x, y, xv, yv, FIT, seed=0, shard=False,
+                              adversary=SourceAdversary(site.long(), 2, 1.0))
+    accuracy = [row["train_source_acc"] for row in result.history]
+    assert accuracy[0] > 0.85
+    assert np.mean(accuracy[-6:]) < 0.75, accuracy
+
+
+def _phantom(size: int = 96) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] / size
+    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.34) ** 2 < 1
+    lungs = (((xx - 0.33) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 < 1) | (((xx - 0.67) / 0.12) ** 2
+                                                                        + ((yy - 0.5) / 0.2) ** 2 < 1)
+    return np.where(body, np.where(lungs, 50, 170), 8).astype(np.uint8)
+
+
+def test_body_crop_removes_frames_text_and_field_of_view_differences():
+    """The same patient as two sites render it (white frame + text + zoom vs none): after the body crop the two
+    preprocessed images differ far less than without it."""
+    plain_look = SiteLook(1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, None, 0.05, None)
+    marked = SiteLook(1.0, 1.0, 0.0, 0.0, 0.0, 1.15, 0.06, 1.0, "top_left", 0.08, None)
+    phantom = _phantom()
+    a, b = (apply_look(phantom, look, np.random.default_rng(0)) for look in (plain_look, marked))
+    def gap(crop: str) -> float:
+        return float(np.abs(preprocess(a, "ct", 64, crop=crop).astype(float)
+                            - preprocess(b, "ct", 64, crop=crop).astype(float)).mean())
+    assert gap("body") < 0.5 * gap("none"), (gap("body"), gap("none"))
+    cropped = preprocess(b, "ct", 64, crop="body")
+    for corner in (cropped[:4, :4], cropped[:4, -4:], cropped[-4:, :4], cropped[-4:, -4:]):
+        assert corner.max() == 0  # outside the body's outline: the white frame and the text are gone
+
+
+def test_ct_body_crops_ct_only():
+    framed = apply_look(_phantom(), SiteLook(1.0, 1.0, 0.0, 0.0, 0.0, 1.15, 0.06, 1.0, "top_left", 0.08, None),
+                        np.random.default_rng(0))
+    np.testing.assert_array_equal(preprocess(framed, "ct", 64, crop="ct_body"),
+                                  preprocess(framed, "ct", 64, crop="body"))
+    np.testing.assert_array_equal(preprocess(framed, "xray", 64, crop="ct_body"), preprocess(framed, "xray", 64))
+    assert not np.array_equal(preprocess(framed, "ct", 64, crop="ct_body"), preprocess(framed, "ct", 64))
+
+
+def test_body_outline_keeps_the_whole_image_when_nothing_plausible_is_found():
+    assert body_outline(np.zeros((64, 64), np.uint8), "xray") is None
+    flat = np.full((64, 64), 120, np.uint8)
+    np.testing.assert_array_equal(preprocess(flat, "xray", 64, crop="body"), preprocess(flat, "xray", 64))
+
+
+def test_scanner_look_varies_profile_resolution_and_noise_reproducibly():
+    images = torch.from_numpy(np.stack([_phantom(64)] * 8)).float()
+    first = scanner_look(images, torch.Generator().manual_seed(3))
+    again = scanner_look(images, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first, again)
+    assert first.shape == (8, 1, 64, 64) and first.min() >= 0 and first.max() <= 255
+    means = first.mean(dim=(1, 2, 3))
+    assert means.std() > 1.0  # each image drew its own intensity profile
+    assert not torch.allclose(first[0, 0], images[0])
+
+
+@pytest.mark.slow
+def test_crossfit_keeps_the_mlp_part_of_train_from_the_backbone(synth_data):
+    cfg = replace(tiny_config(), crossfit=0.4)
+    samples = fit_samples_of(synth_data, cfg)
+    data = prepare_data(samples, cfg, strict=False, cache_dir=None, where="synth")
+    assert data.mlp_split == CROSSFIT
+    for m in cfg.model.modalities:
+        backbone, held = data.rows[m, "train"], data.rows[m, CROSSFIT]
+        assert held and backbone
+        assert not {s.group or s.id for s in backbone} & {s.group or s.id for s in held}
+        assert {s.label for s in held} == {0, 1}
+        assert len(held) == len(data.labels(m, CROSSFIT))
+    assert {s.id for s in discover(synth_data) if s.split == "train"} >= {
+        s.id for m in cfg.model.modalities for s in data.rows[m, CROSSFIT]}
