@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +45,10 @@ class ImageBatch:
     skipped: list[tuple[str, str]]  # (id, reason) of the unreadable ones
 
 
-def _collect(batch: list[Sample], futures: list[Future], cfg: PreprocessConfig) -> ImageBatch:
+def _gather(samples: list[Sample], outs: Iterable[np.ndarray | RespiscanError], cfg: PreprocessConfig) -> ImageBatch:
+    """The readable images stacked, with their samples; the unreadable ones warned about and listed."""
     images, kept, skipped = [], [], []
-    for s, future in zip(batch, futures):
-        out = future.result()
+    for s, out in zip(samples, outs):
         if isinstance(out, RespiscanError):
             log.warning("skipped %s", out)
             skipped.append((s.id, str(out)))
@@ -57,6 +57,10 @@ def _collect(batch: list[Sample], futures: list[Future], cfg: PreprocessConfig) 
             kept.append(s)
     arr = np.stack(images) if images else np.zeros((0, cfg.size, cfg.size), np.uint8)
     return ImageBatch(arr, kept, skipped)
+
+
+def _collect(batch: list[Sample], futures: list[Future], cfg: PreprocessConfig) -> ImageBatch:
+    return _gather(batch, (f.result() for f in futures), cfg)
 
 
 def iter_batches(samples: list[Sample], cfg: PreprocessConfig, batch_size: int = 64, *, strict: bool = False,
@@ -105,17 +109,10 @@ def load_dataset_images(samples: list[Sample], cfg: PreprocessConfig, *, cache_d
 
     from tqdm import tqdm  # here: one-image prediction never loads it
 
-    images, kept, skipped = [], [], []
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         outs = pool.map(lambda s: _read_or_error(s, cfg, strict), samples)
-        for s, out in tqdm(zip(samples, outs), total=len(samples), desc=desc, unit="img"):
-            if isinstance(out, RespiscanError):
-                log.warning("skipped %s", out)
-                skipped.append((s.id, str(out)))
-            else:
-                images.append(out)
-                kept.append(s)
-    arr = np.stack(images) if images else np.zeros((0, cfg.size, cfg.size), np.uint8)
+        batch = _gather(samples, tqdm(outs, total=len(samples), desc=desc, unit="img"), cfg)
+    arr, kept, skipped = batch.images, batch.samples, batch.skipped
     if cache_file:
         from respiscan.utils import atomic_write
 
