@@ -7,7 +7,8 @@ Pairs are real test images from ../shared/data/realdev when it is there (else sy
 batch rate is `predict_samples` on the same files in this process (reading, preprocessing and batched
 inference, no HTTP), measured before the server starts and again after it stopped, so that the two never
 share the CPU and a change in the machine's load between them shows. Resident memory
-(VmRSS) of the server process is read after a warm-up and again once at least 1,000 more requests were answered.
+(VmRSS) of the server process is read after a warm-up (as many clients as the load, so that the engine has seen
+the batch sizes it will see) and again once at least 1,000 more requests (--memory-requests) were answered.
 Every loop is bounded in time; the server is stopped with SIGTERM at the end. Prints a Markdown table.
 """
 
@@ -35,7 +36,7 @@ from respiscan.serving import load
 
 REALDEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "realdev"
 BOUNDARY = "respiscan-load"
-RSS_REQUESTS = 1000
+WARM_REQUESTS = 200
 MAX_EXTRA_S = 900  # the longest the memory phase may run on a slow machine
 
 
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="the server's inference threads")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--data", type=Path, default=REALDEV)
+    parser.add_argument("--memory-requests", type=int, default=1000,
+                        help="requests after the warm-up over which the server's memory growth is measured")
     args = parser.parse_args()
 
     config = Bundle.open(args.bundle).config
@@ -156,16 +159,16 @@ def main() -> None:
         proc, host, port = start_server(args.bundle, args.engine, args.workers, Path(tmp))
         try:
             warm = Tally()
-            clients(host, port, bodies, 1, time.monotonic() + 120, 20, warm)
+            clients(host, port, bodies, args.clients, time.monotonic() + 120, WARM_REQUESTS, warm)
             rss_start = rss_mb(proc.pid)
             load_tally = Tally()
             started = time.perf_counter()
             clients(host, port, bodies, args.clients, time.monotonic() + args.duration, None, load_tally)
             elapsed = time.perf_counter() - started
             extra = Tally()
-            if len(load_tally.latencies) < RSS_REQUESTS:  # the memory phase needs 1,000 requests in all
+            if len(load_tally.latencies) < args.memory_requests:  # the memory phase needs that many in all
                 clients(host, port, bodies, args.clients, time.monotonic() + MAX_EXTRA_S,
-                        RSS_REQUESTS - len(load_tally.latencies), extra)
+                        args.memory_requests - len(load_tally.latencies), extra)
             rss_end = rss_mb(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)

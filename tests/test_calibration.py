@@ -260,3 +260,15 @@ def test_card_labels_results_external_by_source(bundle, tmp_path):
     assert saved.config.model_card.results[-1].source == "another_hospital"
     card = (copy / CARD_FILE).read_text()
     assert "## Cross-validation" in card and "another_hospital" in card and "0.610 (0.500-0.700)" in card
+
+
+def test_card_takes_crossval_only_from_the_same_settings(bundle, tmp_path):
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    training = Bundle.open(copy).config.training
+    fold = {"fold": "h", "held_out": "source h", "modality": "ct", "n": 40, "auc": 0.61, "sensitivity": 0.7,
+            "specificity": 0.5}
+    same = {**training, "seed": training["seed"] + 1, "model": {**training["model"], "modalities": ["ct"]}}
+    assert record_crossval(copy, {"by": "source", "folds": [fold], "config": same}).config.model_card.results
+    other = {**training, "preprocess": {**training["preprocess"], "size": training["preprocess"]["size"] * 2}}
+    with pytest.raises(RespiscanError, match=r"other settings than the crossval folds \(preprocess\.size\)"):
+        record_crossval(copy, {"by": "source", "folds": [fold], "config": other})

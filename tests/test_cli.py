@@ -166,9 +166,14 @@ def test_export_then_predict_with_onnx_matches_torch(bundle, synth_data, tmp_pat
     assert results["onnx"]["probability"] == pytest.approx(results["torch"]["probability"], abs=2e-2)
 
 
-def test_crossval_refuses_bad_folds_before_training(synth_data, tmp_path, capsys, monkeypatch):
+def test_crossval_refuses_bad_folds_before_training(synth_data, bundle, tmp_path, capsys, monkeypatch):
     code, _, err = run(["crossval", synth_data, "--out", tmp_path / "cv", "--by", "site"], capsys, monkeypatch)
     assert code == 2 and "unknown --by 'site'; accepted: source, group" in err
     code, _, err = run(["crossval", synth_data, "--out", tmp_path / "cv"], capsys, monkeypatch)
     assert code == 2 and "needs at least two sources" in err and "Traceback" not in err
     assert not (tmp_path / "cv").exists()  # nothing written for a refused plan
+    # the tests' bundle is a tiny preset at 32 px: a default-preset crossval would describe another model
+    code, _, err = run(["crossval", synth_data, synth_data, "--out", tmp_path / "cv", "--card", bundle],
+                       capsys, monkeypatch)
+    assert code == 2 and "trained with other settings than the crossval folds (" in err and "preset" in err
+    assert not (tmp_path / "cv").exists()

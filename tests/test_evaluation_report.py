@@ -7,12 +7,18 @@ import csv
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import pytest
 from PIL import Image
 
+from respiscan.bundle import Bundle
+from respiscan.data.audit import audit, shortcut_warnings
+from respiscan.data.samples import discover
 from respiscan.evaluation.evaluate import evaluate
+from respiscan.evaluation.report import KIND_NAMES
 from respiscan.metrics import N_RESAMPLES, SCALAR_METRICS
 
 PLOTS = ("roc", "pr", "confusion", "reliability", "training_curves")
@@ -133,3 +139,74 @@ def test_warns_when_test_images_were_trained_on(bundle, synth_data, tmp_path):
     n_test = results["modalities"]["xray"]["n"] + results["modalities"]["ct"]["n"]
     assert f"{n_test} test image(s) were in the bundle's training or validation split" in results["warnings"][0]
     assert results["warnings"][0] in (tmp_path / "eval" / "report.md").read_text()
+
+
+def _framed_with_conflict(synth_data: Path, root: Path) -> Path:
+    """A copy of the data whose COVID images carry a white frame (a shortcut the border baseline sees), plus a
+    copy of a train X-ray given the opposite label (a label conflict), as the audit tests plant them."""
+    with open(synth_data / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        image = cv2.imread(str(synth_data / row["path"]), cv2.IMREAD_GRAYSCALE)
+        if row["label"] == "COVID":
+            image = cv2.copyMakeBorder(image[2:-2, 2:-2], 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=255)
+        (root / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / row["path"]), image)
+    original = next(r for r in rows if r["split"] == "train" and r["modality"] == "xray")
+    (root / "planted").mkdir()
+    shutil.copy(root / original["path"], root / "planted" / "relabelled.png")
+    flipped = "Non_COVID" if original["label"] == "COVID" else "COVID"
+    rows.append({**original, "path": "planted/relabelled.png", "label": flipped, "group": "planted"})
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_report_shows_the_audit_beside_the_model(bundle, synth_data, tmp_path):
+    """The audit of a bundle's data (run here as train runs it) shows up in the report: the planted label
+    conflict as an error naming the pair, and each shortcut baseline next to the test AUC evaluate measured."""
+    data = _framed_with_conflict(synth_data, tmp_path / "data")
+    found = audit(discover(data), progress=False)
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    opened = Bundle.open(copy)
+    opened.save_config(replace(opened.config, audit=found))
+    with open(copy / "splits.csv", newline="") as f:  # the bundle as if trained on `data`
+        rows = list(csv.DictReader(f))
+    with open(copy / "splits.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "path": str(data / r["id"])} for r in rows)
+    results = evaluate(copy, data, tmp_path / "eval", figures=False, n_resamples=200)
+    md = (tmp_path / "eval" / "report.md").read_text()
+    section = md[md.index("\n## Audit"):md.index("\n## Warnings")]
+
+    (error,) = found["errors"]
+    assert "planted/relabelled.png" in error and section.index(error) < section.index("### Warnings")
+    assert results["audit"]["compared_with_model"] == ["ct", "xray"]
+    for m in ("xray", "ct"):
+        model = results["modalities"][m]["roc_auc"]
+        border = max(found["shortcuts"][m]["border"].values())
+        assert border >= model - 0.1  # the framed images give the border baseline the label
+        sentence = next(w for w in results["audit"]["warnings"] if w.startswith(f"{m}: the outer 5 %"))
+        assert f"against the model's {model:.2f}" in sentence and sentence in section
+        row = next(line for line in section.splitlines() if line.startswith(f"| {KIND_NAMES[m]}: border"))
+        assert f"| {border:.3f} | {model:.3f} | yes |" in row
+    shortcut_rows = [line for line in section.splitlines() if line.startswith(("| X-ray: ", "| CT: "))]
+    assert len(shortcut_rows) == 6  # two modalities x three feature sets
+    # train's wording without the model is replaced, not repeated
+    assert not any(w in results["audit"]["warnings"] for w in shortcut_warnings(found["shortcuts"]))
+    assert "1 error(s)" in md[md.index("\n## Warnings"):]
+
+
+def test_report_does_not_compare_baselines_scored_on_other_images(bundle, tmp_path):
+    """Evaluated on other test images than the audit scored its baselines on, the model's AUC is not set beside
+    them (n/a), so no 'near the model' warning can come from comparing two different test sets."""
+    from respiscan.data.synth import generate
+
+    other = generate(tmp_path / "other", n_per_class=6, size=64, seed=7, progress=False)
+    results = evaluate(bundle, other, tmp_path / "eval", figures=False, n_resamples=200)
+    assert results["audit"]["compared_with_model"] == []
+    assert all(b["model_auc"] is None for b in results["audit"]["shortcuts"])
+    assert not any("against the model's" in w for w in results["audit"]["warnings"])

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, DigitalXRayImageStorageForPresentation
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    SecondaryCaptureImageStorage,
+)
 
 from respiscan.errors import RespiscanError
 from respiscan.serving.listen import ListenConfig, Listener, Peer, listen, uid_key
@@ -51,10 +56,11 @@ def wait_for(condition, what: str, timeout: float = WAIT_S) -> None:
 
 @contextmanager
 def receiver():
-    """A C-STORE SCP for SRs on a free loopback port: (port, the data sets it received)."""
+    """A C-STORE SCP for SRs and Secondary Captures on a free loopback port: (port, the data sets it received)."""
     received: list[pydicom.Dataset] = []
     ae = pynetdicom.AE(ae_title="RECEIVER")
     ae.add_supported_context(ComprehensiveSRStorage)
+    ae.add_supported_context(SecondaryCaptureImageStorage)
 
     def store(event) -> int:
         received.append(event.dataset)
@@ -125,6 +131,29 @@ def test_ct_series_on_release_and_xray_at_once_are_answered_and_forwarded(pipe, 
     for secret in [*identifiers, "Doe", *uids]:
         assert secret not in logged
     assert not list(private_tmp.iterdir())  # the spooled instances are gone
+
+
+def test_explain_writes_and_forwards_a_gradcam_secondary_capture_beside_the_sr(pipe, tmp_path, private_tmp):
+    xray = xray_instance(seed=14)
+    out = tmp_path / "out"
+    with receiver() as (receiver_port, received):
+        config = ListenConfig(out=out, port=0, forward=Peer("127.0.0.1", receiver_port, "RECEIVER"), explain=True)
+        with Listener(pipe, config) as listener:
+            with association(listener.port) as assoc:
+                send(assoc, [xray])
+            wait_for(lambda: listener.processed, "the X-ray's SR and Secondary Capture")
+            wait_for(lambda: len(received) == 2, "the forwarded SR and Secondary Capture")
+    (done,) = listener.processed
+    assert done.error is None and done.forwarded and done.sc_path.parent == done.sr_path.parent
+    sr, sc = pydicom.dcmread(done.sr_path), pydicom.dcmread(done.sc_path)
+    assert sr.SOPClassUID == ComprehensiveSRStorage and sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == xray.StudyInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == xray.SOPInstanceUID
+    assert sc.pixel_array.ndim == 3 and sc.PhotometricInterpretation == "RGB"
+    assert sorted(f.name for f in out.rglob("*.dcm")) == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in (sr, sc))
+    assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(str(ds.SOPInstanceUID) for ds in (sr, sc))
+    assert finding(sr)[1] == pytest.approx(expected_probability(pipe, [xray], tmp_path / "alone"), abs=1e-6)
+    assert not list(private_tmp.iterdir())
 
 
 def test_ct_series_is_complete_after_the_timeout_without_a_release(pipe, tmp_path, private_tmp):

@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from respiscan.data.samples import discover  # noqa: E402
 from respiscan.errors import RespiscanError  # noqa: E402
 from respiscan.serving import load  # noqa: E402
+from respiscan.serving.batcher import BatchConfig, Batcher  # noqa: E402
 from respiscan.serving.server import Limits, Token, create_app, read_tokens  # noqa: E402
 
 TOKEN = "s3cret-token-of-the-ward-0123"
@@ -336,16 +337,17 @@ def test_token_file_is_checked(tmp_path):
 
 
 def blocking_predict(monkeypatch, pipeline, hold_s: float):
-    """Make pipeline.predict wait until released (or `hold_s`), and say when a call has started."""
+    """Make the engine's batches (pipeline.predict_prepared) wait until released (or `hold_s`), and say when
+    one has started."""
     started, release = threading.Event(), threading.Event()
-    original = pipeline.predict
+    original = pipeline.predict_prepared
 
-    def predict(**kwargs):
+    def predict_prepared(cases, tta=1):
         started.set()
         release.wait(hold_s)
-        return original(**kwargs)
+        return original(cases, tta)
 
-    monkeypatch.setattr(pipeline, "predict", predict)
+    monkeypatch.setattr(pipeline, "predict_prepared", predict_prepared)
     return started, release
 
 
@@ -460,3 +462,144 @@ def test_uploads_are_hashed_as_sent(servers):
     servers["default"].client.post("/v1/predict", files={"xray": ("noise.png", data)})
     assert servers["default"].audit_records()[-1]["inputs"][0] == {
         "field": "xray", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+# --- batching concurrent requests ---------------------------------------------------------------------------
+
+def held_first_batch(fn, until, settle_s: float = 0.0, hold_s: float = 60.0):
+    """`fn` whose first call waits until `until()` is true, then `settle_s`, so that what arrives meanwhile
+    queues behind it."""
+    first = threading.Event()
+
+    def held(*args, **kwargs):
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + hold_s
+            while not until() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(settle_s)
+        return fn(*args, **kwargs)
+
+    return held, first
+
+
+def assert_same_result(got: dict, want: dict) -> None:
+    """Batched and single-case results agree: probabilities within 1e-6; shift scores within 1e-5 relative,
+    as the engine's float32 embedding of an image differs by an ulp between batch sizes (BLAS kernels) and the
+    shift detector's precision matrix magnifies that to about 1e-6."""
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if isinstance(value, float):
+            tolerance = {"rel": 1e-5} if key.endswith("ood_score") else {"abs": 1e-6}
+            assert got[key] == pytest.approx(value, **tolerance), key
+        else:
+            assert got[key] == value, key
+
+
+def test_batcher_bounds_batches_and_a_failing_item_fails_alone():
+    calls: list[list[str]] = []
+    release = threading.Event()
+
+    def upper(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        if "bad" in items:
+            raise RespiscanError("a bad item")
+        return [item.upper() for item in items]
+
+    held, started = held_first_batch(upper, release.is_set)
+    batcher = Batcher(held, BatchConfig(max_batch=3, window_s=0))
+    first = batcher.submit("a")
+    assert started.wait(30)  # the engine is busy with "a": what comes now waits for the next batch
+    rest = [batcher.submit(item) for item in ("b", "bad", "c", "d", "e")]
+    gone = batcher.submit("f")
+    assert gone.cancel()  # its request timed out while it was queued
+    release.set()
+    assert first.result(30) == "A"
+    assert [f.result(30) for f in rest[:1] + rest[2:]] == ["B", "C", "D", "E"]
+    with pytest.raises(RespiscanError, match="a bad item"):
+        rest[1].result(30)
+    batcher.close()
+    assert calls == [["a"], ["b", "bad", "c"], ["b"], ["bad"], ["c"], ["d", "e"]]
+    assert list(batcher.sizes) == [1, 3, 2]
+
+
+def test_batcher_window_groups_items_and_close_finishes_what_was_queued():
+    calls: list[list[int]] = []
+
+    def slow_double(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        time.sleep(0.05)
+        return [2 * i for i in items]
+
+    batcher = Batcher(slow_double, BatchConfig(max_batch=32, window_s=1.0))
+    futures = [batcher.submit(i) for i in range(5)]  # well within the window of the first
+    batcher.close()
+    assert [f.result(0) for f in futures] == [0, 2, 4, 6, 8] and calls == [[0, 1, 2, 3, 4]]
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(5)
+    with pytest.raises(RespiscanError, match="--max-batch"):
+        BatchConfig(max_batch=0)
+
+
+def test_cases_scored_in_one_batch_are_what_predict_gives_each_alone(pipeline, synth_data):
+    samples = [s for s in discover(synth_data) if s.split == "test"]
+    xrays = [s.path for s in samples if s.modality == "xray"][:4]
+    cts = [s.path for s in samples if s.modality == "ct"][:4]
+    cases = [{"xray": x} for x in xrays] + [{"ct": c} for c in cts] + [{"xray": xrays[0], "ct": cts[1]},
+                                                                       {"xray": xrays[2], "ct": cts[3]}]
+    expected = [pipeline.predict(**case) for case in cases]
+    release = threading.Event()
+    held, started = held_first_batch(pipeline.predict_prepared, release.is_set)
+    batcher = Batcher(held, BatchConfig(max_batch=6, window_s=0))
+    futures = [batcher.submit(pipeline.prepare_case(**cases[0]))]
+    assert started.wait(30)
+    futures += [batcher.submit(pipeline.prepare_case(**case)) for case in cases[1:]]
+    release.set()
+    results = [f.result(60) for f in futures]
+    batcher.close()
+    assert list(batcher.sizes) == [1, 6, 3]
+    for got, want in zip(results, expected):
+        assert_same_result(got, want)
+
+
+def test_a_concurrent_burst_is_batched_and_a_bad_file_fails_alone(pipeline, synth_data, monkeypatch, tmp_path):
+    samples = [s for s in discover(synth_data) if s.split == "test"]
+    xrays = [s.path for s in samples if s.modality == "xray"][:3]
+    cts = [s.path for s in samples if s.modality == "ct"][:3]
+    cases = [{"xray": x} for x in xrays] + [{"ct": c} for c in cts[:2]] + [{"xray": xrays[1], "ct": cts[2]}]
+    expected = [pipeline.predict(**case) for case in cases]
+    requests = [{m: (p.name, p.read_bytes()) for m, p in case.items()} for case in cases]
+    requests.insert(3, {"xray": ("letter.png", b"this is a letter, not an X-ray")})
+    server = Server(pipeline, tmp_path)
+    prepared: list[int] = []
+    prepare = pipeline.prepare_case
+
+    def counted(**kwargs):
+        try:
+            return prepare(**kwargs)
+        finally:
+            prepared.append(1)
+
+    monkeypatch.setattr(pipeline, "prepare_case", counted)
+    # the first case's batch waits until every request was read, so that the others queue behind it
+    held, _ = held_first_batch(pipeline.predict_prepared, lambda: len(prepared) == len(requests), settle_s=0.3)
+    monkeypatch.setattr(pipeline, "predict_prepared", held)
+    answers: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        answers[i] = TestClient(server.app).post("/v1/predict", files=requests[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    bad = answers.pop(3)
+    assert bad.status_code == 422 and bad.json()["error"].startswith("xray: ")
+    for i, want in zip(sorted(answers), expected):
+        response = answers[i]
+        assert response.status_code == 200, response.text
+        assert_same_result({k: response.json()[k] for k in want}, want)
+    sizes = list(server.app.state.service.batcher.sizes)
+    assert sum(sizes) == len(cases) and max(sizes) > 1
+    assert server.temp_is_empty(wait_s=2)

@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -40,17 +41,39 @@ def _test_images(pipe, synth_data, modality: str, given_as: str) -> np.ndarray:
     return np.stack([pipe.prepare(p, given_as) for p in paths])
 
 
-def test_numpy_score_is_sklearns_mahalanobis_over_the_validation_threshold(tmp_path):
+def _smooth_images(rng: np.random.Generator, n: int, size: int = 48) -> np.ndarray:
+    """Blurred blobs on a vertical gradient: images with some layout and some texture."""
+    import cv2
+
+    ramp = np.linspace(40, 200, size)[:, None]
+    return np.stack([np.clip(ramp + cv2.GaussianBlur(rng.normal(0, 40, (size, size)), (0, 0), 4) * 3, 0, 255)
+                     .astype(np.uint8) for _ in range(n)])
+
+
+def test_numpy_score_is_the_larger_of_sklearns_two_distances_over_their_thresholds(tmp_path):
+    from respiscan.data.image_stats import image_statistics
+
     rng = np.random.default_rng(0)
     cov = np.diag(rng.uniform(0.5, 2.0, 24))
     train, val, shifted = (rng.multivariate_normal(np.zeros(24), cov, n) for n in (300, 400, 50))
-    fitted = fit_ood({"xray": train}, {"xray": val})
+    train_images, val_images = _smooth_images(rng, 300), _smooth_images(rng, 400)
+    fitted = fit_ood({"xray": train}, {"xray": val}, {"xray": train_images}, {"xray": val_images})
     ood, _ = build(OodDetector, write_ood(tmp_path, fitted), "ood")  # as BundleConfig reads the record
-    scores = ShiftScorer(tmp_path, ood).score(val, "xray")
-    want = np.sqrt(LedoitWolf().fit(train).mahalanobis(val)) / ood.modalities["xray"].threshold
-    assert np.allclose(scores.score, want, rtol=1e-4)
+    limits = ood.modalities["xray"]
+    scores = ShiftScorer(tmp_path, ood).score(val, val_images, "xray")
+    embedding = np.sqrt(LedoitWolf().fit(train).mahalanobis(val)) / limits.threshold
+    image = np.sqrt(LedoitWolf().fit(image_statistics(train_images)).mahalanobis(image_statistics(val_images)))
+    assert np.allclose(scores.score, np.maximum(embedding, image / limits.image_threshold), rtol=1e-4)
     assert scores.in_distribution.mean() == pytest.approx(0.95, abs=0.01)  # the 5 % false-alarm rate, on val
-    assert ShiftScorer(tmp_path, ood).score(shifted + 2.0, "xray").in_distribution.mean() < 0.1
+    assert limits.val_flagged == pytest.approx(0.05, abs=0.01)
+    assert (embedding > 1).mean() < 0.05 and (image / limits.image_threshold > 1).mean() < 0.05  # each flags some
+    scorer = ShiftScorer(tmp_path, ood)
+    assert scorer.score(shifted + 2.0, val_images[:50], "xray").in_distribution.mean() < 0.1
+    noisy = rng.integers(0, 256, val_images[:50].shape, dtype=np.uint8)  # embeddings in place, images not
+    assert scorer.score(val[:50], noisy, "xray").in_distribution.mean() == 0.0
+    # a detector written before the image statistics scores the embedding alone
+    old = replace(ood, modalities={"xray": replace(limits, image_threshold=None)})
+    assert np.allclose(ShiftScorer(tmp_path, old).score(val, noisy, "xray").score, embedding, rtol=1e-4)
 
 
 def test_training_records_the_detector(bundle):

@@ -109,18 +109,21 @@ class EngineChoice:
 
 @dataclass(frozen=True)
 class OodThreshold:
-    """One modality's shift-detector threshold, set on the validation images."""
+    """One modality's shift-detector thresholds, set together on the validation images: an image is flagged when
+    either distance exceeds its threshold, and (1 - false_alarm_rate) of the validation images stay under both."""
 
-    threshold: float  # the Mahalanobis distance (1 - false_alarm_rate) of the validation images stay under
+    threshold: float  # on the embedding's Mahalanobis distance
     n_train: int  # training images the statistics come from
-    n_val: int  # validation images the threshold comes from
-    val_flagged: float  # share of the validation images above it (the false-alarm rate measured)
+    n_val: int  # held-out images the thresholds come from (validation, and calibration where there is one)
+    val_flagged: float  # share of the validation images flagged (the false-alarm rate measured)
+    image_threshold: float | None = None  # on the image statistics' distance; None: bundles from before it
 
 
 @dataclass(frozen=True)
 class OodDetector:
-    """The "unlike my training images" warning (serving/shift.py): Mahalanobis distance of the task-specific
-    embedding from the training images' (Ledoit-Wolf shrunk covariance), statistics in `file` (safetensors)."""
+    """The "unlike my training images" warning (serving/shift.py): Mahalanobis distances of the task-specific
+    embedding and of the image statistics (data/image_stats.py) from the training images' (Ledoit-Wolf shrunk
+    covariances), statistics in `file` (safetensors)."""
 
     file: str  # a file name inside the bundle folder
     sha256: str
@@ -380,6 +383,11 @@ def ood_mean_key(modality: str) -> str:
 def ood_precision_key(modality: str) -> str:
     """Name of a modality's shrunk precision matrix in OOD_FILE."""
     return f"{modality}.precision"
+
+
+def ood_image_key(modality: str, what: str) -> str:
+    """Name of a modality's image-statistics mean or precision ("mean", "precision") in OOD_FILE."""
+    return f"{modality}.image.{what}"
 
 
 def sha256_file(path: Path) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from respiscan import __version__
 from respiscan.bundle import SPLITS_FILE, Bundle, BundleConfig, CardResult, ModelCard, Setting
+from respiscan.errors import RespiscanError
 from respiscan.utils import atomic_write
 
 CARD_FILE = "MODEL_CARD.md"
@@ -127,8 +128,8 @@ def _shift_detector(config: BundleConfig) -> str:
     if ood is None:
         return "None: this bundle has no shift detector, so it cannot warn about inputs unlike its training images."
     measured = ", ".join(f"{KIND_NAMES.get(m, m)} {t.val_flagged:.1%} of {t.n_val}" for m, t in ood.modalities.items())
-    return (f"{ood.method} in the {ood.space}; thresholds set for a {ood.false_alarm_rate:.0%} false-alarm rate on "
-            f"validation images (measured there: {measured}).")
+    return (f"{ood.method}, in the {ood.space}; thresholds set for a {ood.false_alarm_rate:.0%} false-alarm rate "
+            f"on held-out images of the training sources (measured there: {measured}).")
 
 
 def _limitations(bundle: Bundle) -> list[str]:
@@ -217,8 +218,33 @@ def crossval_results(result: dict[str, Any]) -> list[CardResult]:
 
 
 def record_crossval(bundle: str | Path, result: dict[str, Any]) -> Bundle:
-    """Add a crossval run's results to a bundle's card (the bundle trained with the same configuration)."""
-    return write_card(Bundle.open(bundle), crossval_results(result))
+    """Add a crossval run's results to a bundle's card. The folds describe the bundle only if it was trained
+    with their configuration (seed and modalities aside), so any other bundle is refused, naming what differs."""
+    opened = require_same_settings(bundle, result["config"]) if "config" in result else Bundle.open(bundle)
+    return write_card(opened, crossval_results(result))
+
+
+def require_same_settings(bundle: str | Path, training: dict[str, Any]) -> Bundle:
+    """The bundle, if it was trained with these settings (a TrainConfig's to_dict(); seed and modalities aside);
+    else an error naming what differs. crossval checks before its first fold, not after the last."""
+    opened = Bundle.open(bundle)
+    differ = _differences(_comparable(opened.config.training), _comparable(training))
+    if differ:
+        raise RespiscanError(f"{opened.path}: trained with other settings than the crossval folds "
+                             f"({', '.join(differ)}); its card would describe another model")
+    return opened
+
+
+def _comparable(training: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in training.items() if k != "seed"}
+    out["model"] = {k: v for k, v in training.get("model", {}).items() if k != "modalities"}
+    return out
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{where}{k}.")]
+    return [] if a == b else [where.rstrip(".")]
 
 
 def _interval(ci) -> list[float] | None:

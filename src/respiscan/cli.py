@@ -126,7 +126,7 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
     if data is None and xray is None and ct is None:
         raise RespiscanError("give --xray and/or --ct, or --data for a batch")
-    pipe = load_pipeline(bundle, engine)
+    pipe = load_pipeline(bundle, engine, few_images=data is None)
     if operating_point:
         pipe.use_operating_point(operating_point)
     if data is None:
@@ -248,8 +248,11 @@ def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each f
                  None, help=AUGMENT_HELP), balance: Optional[str] = typer.Option(None, help=BALANCE_HELP),
              crossfit: Optional[float] = typer.Option(None, help=CROSSFIT_HELP),
              modality: Optional[str] = typer.Option(None, help="Cross-validate this modality only (xray or ct)."),
-             resume: bool = typer.Option(False, help="Reuse finished folds and stages in OUT.")) -> None:
+             resume: bool = typer.Option(False, help="Reuse finished folds and stages in OUT."),
+             card: Optional[Path] = typer.Option(None, help="Add the folds' results to this bundle's model card "
+                                                 "(a bundle trained with the same settings).")) -> None:
     """External validation: one model per fold, each scored on the source (or groups) it left out."""
+    from respiscan.card import record_crossval, require_same_settings
     from respiscan.data.samples import parse_modality
     from respiscan.experiments.crossval import BY, run_crossval
     from respiscan.training.config import preset as make_preset
@@ -258,6 +261,8 @@ def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each f
         raise RespiscanError(f"unknown --by {by!r}; accepted: {', '.join(BY)}")
     cfg = make_preset(preset).with_overrides(seed=seed, epochs=epochs, shared=shared).with_site_methods(
         crop=crop, augment=augment, balance=balance, crossfit=crossfit)
+    if card is not None:
+        require_same_settings(card, cfg.to_dict())
     result = run_crossval(data, out, cfg, by=by, folds=folds, resume=resume,
                           modality=parse_modality(modality, "--modality") if modality else None)
     for r in result["folds"]:
@@ -265,6 +270,8 @@ def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each f
                    f"sens={_fmt(r['sensitivity'])} spec={_fmt(r['specificity'])} ECE={_fmt(r['ece'])} "
                    f"(in-source validation AUC {_fmt(r['in_source_val_auc'])})")
     typer.echo(f"table: {Path(out) / 'crossval.md'}")
+    if card is not None:
+        typer.echo(f"model card: {record_crossval(card, result).path / 'MODEL_CARD.md'}")
 
 
 @app.command()
@@ -380,16 +387,22 @@ def serve(bundle: Path = typer.Argument(..., help="Bundle folder."),
           port: int = typer.Option(8000, help="TCP port (0: any free one, printed)."),
           token_file: Optional[Path] = typer.Option(None, help="Bearer tokens, one `NAME TOKEN` line each; "
                                                     "every /v1 request then needs one."),
-          workers: int = typer.Option(2, help="Inference threads."),
+          workers: int = typer.Option(2, help="Threads reading and preprocessing uploads (the engine scores "
+                                      "their cases in batches, in a thread of its own)."),
           engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
           audit_log: Path = typer.Option(Path("respiscan-audit.jsonl"), help="Append-only JSON-lines audit log."),
-          max_body_mb: int = typer.Option(64, help="Largest request body, in MiB (larger: 413).")) -> None:
+          max_body_mb: int = typer.Option(64, help="Largest request body, in MiB (larger: 413)."),
+          max_batch: int = typer.Option(32, help="Most cases of concurrent requests scored in one engine call."),
+          batch_window_ms: float = typer.Option(2.0, help="How long a case waits for others to batch with when "
+                                                "the engine is idle, in ms.")) -> None:
     """REST API (/v1, OpenAPI at /docs) and a web page at / (the serve extra); SIGTERM finishes in-flight requests."""
+    from respiscan.serving.batcher import BatchConfig
     from respiscan.serving.server import Limits
     from respiscan.serving.server import serve as run_server
 
     run_server(bundle, host=host, port=port, token_file=token_file, workers=workers, engine=engine,
-               audit_log=audit_log, limits=Limits(max_body_bytes=max_body_mb * 2**20), announce=typer.echo)
+               audit_log=audit_log, limits=Limits(max_body_bytes=max_body_mb * 2**20),
+               batch=BatchConfig(max_batch, batch_window_ms / 1000), announce=typer.echo)
 
 
 @app.command()
@@ -401,7 +414,9 @@ def listen(bundle: Path = typer.Argument(..., help="Bundle folder."),
            host: str = typer.Option("127.0.0.1", help="Address to bind; DICOM has no authentication."),
            series_timeout: float = typer.Option(10.0, help="Seconds without a new instance after which a CT "
                                                 "series is complete (else: when the sender releases)."),
-           engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported).")
+           engine: str = typer.Option("auto", help="torch, onnx, or auto (onnx when the bundle has been exported)."),
+           explain: bool = typer.Option(False, "--explain", help="Also a Grad-CAM Secondary Capture beside each SR "
+                                        "(written and forwarded; predicts with the torch engine, as Grad-CAM needs).")
            ) -> None:
     """DICOM C-STORE receiver: a Structured Report for each X-ray instance and CT series received."""
     import logging
@@ -411,7 +426,7 @@ def listen(bundle: Path = typer.Argument(..., help="Bundle folder."),
     from respiscan.serving.listen import listen as receive
 
     config = ListenConfig(out=out, port=port, host=host, ae_title=ae_title, series_timeout=series_timeout,
-                          forward=Peer.parse(forward) if forward else None)
+                          forward=Peer.parse(forward) if forward else None, explain=explain)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     receive(load_pipeline(bundle, engine), config)
 

@@ -292,21 +292,41 @@ _FEATURE_WORDS = {"border": "the outer 5 % of the image alone", "intensity": "se
                   "metadata": "file metadata alone (format, size, bit depth)"}
 
 
-def shortcut_warnings(shortcuts: dict[str, dict], model_auc: dict[str, float] | None = None) -> list[str]:
-    """A sentence for each baseline that reaches SHORTCUT_AUC_LIMIT, or comes within SHORTCUT_MODEL_GAP of the
-    model's test AUC where one is given (per modality): evaluate can call it with the model's AUC."""
+@dataclass(frozen=True)
+class ShortcutBaseline:
+    """The better of a modality's two baseline models on one feature set, beside the model's test AUC."""
+
+    modality: str
+    features: str  # one of SHORTCUT_FEATURES
+    fitted: str  # the baseline model that scored `auc`: one of SHORTCUT_MODELS
+    auc: float
+    model_auc: float | None  # the model's test AUC on the same test images, where given
+    warning: str | None  # the sentence when the baseline reaches SHORTCUT_AUC_LIMIT or comes near the model
+
+
+def shortcut_baselines(shortcuts: dict[str, dict], model_auc: dict[str, float] | None = None) -> list[ShortcutBaseline]:
+    """Per modality and feature set, the best baseline and, when it reaches SHORTCUT_AUC_LIMIT or comes within
+    SHORTCUT_MODEL_GAP of the model's test AUC where one is given (per modality), a warning: evaluate calls it
+    with the AUC it measured."""
     out = []
     for m, result in shortcuts.items():
         model = (model_auc or {}).get(m)
         for features in SHORTCUT_FEATURES:
             name, auc = max(result[features].items(), key=lambda kv: kv[1])
             close = model is not None and auc >= model - SHORTCUT_MODEL_GAP
+            warning = None
             if auc >= SHORTCUT_AUC_LIMIT or close:
                 against = f", against the model's {model:.2f}" if model is not None else ""
-                out.append(f"{m}: {_FEATURE_WORDS[features]} give(s) test AUC {auc:.2f} ({name}, fitted on train"
+                warning = (f"{m}: {_FEATURE_WORDS[features]} give(s) test AUC {auc:.2f} ({name}, fitted on train"
                            f"{against}): the label is predictable without the anatomy, so the model may use the "
                            "same shortcut.")
+            out.append(ShortcutBaseline(m, features, name, auc, model, warning))
     return out
+
+
+def shortcut_warnings(shortcuts: dict[str, dict], model_auc: dict[str, float] | None = None) -> list[str]:
+    """The warnings of shortcut_baselines."""
+    return [b.warning for b in shortcut_baselines(shortcuts, model_auc) if b.warning]
 
 
 # --- the audit -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ explain all of it to a reader without the code.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from respiscan.bundle import LOGS, Bundle, BundleConfig
 from respiscan.calibration import OperatingPoint
 from respiscan.card import evaluation_result, write_card
-from respiscan.data.audit import class_balance, source_of
+from respiscan.data.audit import class_balance, shortcut_baselines, shortcut_warnings, source_of
 from respiscan.data.samples import CLASS_NAMES, DataPaths, Sample, describe, discover, pair_cases
 from respiscan.errors import RespiscanError
 from respiscan.evaluation.plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_training_curves
@@ -197,6 +198,28 @@ def _seen_in_training(test: list[Sample], bundle: Path) -> list[str]:
     return [s.id for s in test if Path(s.path).resolve() in fitted]
 
 
+def _audit(config: BundleConfig, bundle: Path, test: list[Sample], metrics: dict[str, dict]) -> dict | None:
+    """The data audit train recorded, with its shortcut baselines beside the test AUC just measured: per
+    modality only where this test split is the one the baselines were scored on (the bundle's splits.csv),
+    since a baseline and a model scored on different images say nothing about each other. None without one."""
+    audit = config.audit
+    if not audit:
+        return None
+    recorded = {m: {Path(s.path).resolve() for s in read_splits(bundle) if s.split == "test" and s.modality == m}
+                for m in metrics}
+    model_auc = {m: metrics[m]["roc_auc"] for m in recorded
+                 if recorded[m] and recorded[m] == {Path(s.path).resolve() for s in test if s.modality == m}
+                 and metrics[m]["roc_auc"] is not None}
+    shortcuts = audit.get("shortcuts", {})
+    without_model = set(shortcut_warnings(shortcuts))  # as train worded them; replaced by the ones below
+    baselines = shortcut_baselines(shortcuts, model_auc)
+    return {"n_images": audit["n_images"], "cross_split_duplicates": audit["cross_split_duplicates"],
+            "errors": audit.get("errors", []), "label_conflicts": audit.get("label_conflicts", []),
+            "warnings": [w for w in audit["warnings"] if w not in without_model]
+            + [b.warning for b in baselines if b.warning],
+            "shortcuts": [asdict(b) for b in baselines], "compared_with_model": sorted(model_auc)}
+
+
 def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None, *, strict: bool = False,
              pipeline: BasePipeline | None = None, engine: Engine = "auto", n_resamples: int = N_RESAMPLES,
              seed: int = 0, figures: bool = True, samples: list[Sample] | None = None,
@@ -255,6 +278,7 @@ def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None,
                      "percentile (per metric: ci_method)", "n_resamples": n_resamples, "seed": seed,
                      "resampled": "patients (group ids)" if grouped else "images"}
     results["test_set"] = class_balance(scored, lambda s: f"{s.modality} / test / {source_of(s)}")
+    results["audit"] = _audit(pipe.config, bundle, test, results["modalities"])
     results["warnings"] = []
     seen = _seen_in_training(scored, bundle)
     if seen:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from respiscan import __version__
 from respiscan.bundle import SPLITS_FILE, Bundle, BundleConfig
-from respiscan.data.audit import class_balance, source_of
+from respiscan.data.audit import SHORTCUT_AUC_LIMIT, SHORTCUT_MODEL_GAP, class_balance, source_of
 from respiscan.data.samples import CLASS_NAMES, Sample
 from respiscan.metrics import SCALAR_METRICS
 from respiscan.training.config import TrainConfig
@@ -254,6 +254,33 @@ def _fused(results: dict) -> list[Block]:
     return [("h2", "Fused prediction"), ("p", results["fusion"]["sentence"])] if "fusion" in results else []
 
 
+def _audit(results: dict) -> list[Block]:
+    """What the data audit at training found: errors, warnings, and the shortcut baselines beside the model."""
+    audit = results.get("audit")
+    if not audit:
+        return []
+    blocks: list[Block] = [
+        ("h2", "Audit"),
+        ("p", f"What the data audit found when train checked its {audit['n_images']} images for copies, label "
+              "conflicts, patients across splits, shortcut baselines and source confounds.")]
+    if audit["errors"]:
+        blocks += [("h3", "Errors"), ("ul", audit["errors"])]
+    if audit["warnings"]:
+        blocks += [("h3", "Warnings"), ("ul", audit["warnings"])]
+    if not audit["errors"] and not audit["warnings"]:
+        blocks.append(("p", "It found no problems."))
+    if audit["shortcuts"]:
+        rows = [[f"{KIND_NAMES[b['modality']]}: {b['features']} ({b['fitted']})", f"{b['auc']:.3f}",
+                 _num(b["model_auc"]), "yes" if b["warning"] else ""] for b in audit["shortcuts"]]
+        blocks += [("h3", "Shortcut baselines"),
+                   ("p", "Small models fitted on the training images that see no anatomy (the outer 5 % of the "
+                         "image, seven intensity statistics, or file metadata), scored on the test split; a warning "
+                         f"at test AUC {SHORTCUT_AUC_LIMIT} or within {SHORTCUT_MODEL_GAP} of the model. The "
+                         "model's AUC is n/a where this test split is not the one the baselines were scored on."),
+                   ("table", ["Baseline", "Test AUC", "Model's test AUC", "Warning"], rows)]
+    return blocks
+
+
 def _warnings(results: dict, config: BundleConfig, kinds: dict[str, dict]) -> list[Block]:
     items = list(results.get("warnings", []))
     items += [f"{KIND_NAMES[k]}: {w}" for k, m in kinds.items() for w in m["warnings"]]
@@ -261,11 +288,11 @@ def _warnings(results: dict, config: BundleConfig, kinds: dict[str, dict]) -> li
                            ("training", [s.reason for s in config.data.skipped])):
         if reasons:
             items.append(f"{len(reasons)} unreadable image(s) skipped in {where}, e.g. {reasons[0]}")
-    audit = config.audit
+    audit = results.get("audit")
     if audit:
         items.append(f"Data audit of {audit['n_images']} images: {audit['cross_split_duplicates']} duplicate "
-                     "pair(s) across splits.")
-        items += [f"Audit: {w}" for w in audit["warnings"]]
+                     f"pair(s) across splits, {len(audit['errors'])} error(s) and {len(audit['warnings'])} "
+                     "warning(s) (section Audit).")
     else:
         items.append("No data audit is recorded in the bundle: run `respiscan audit DATA` to look for duplicate "
                      "images across splits and for source/label confounds before trusting these numbers.")
@@ -329,7 +356,7 @@ def write_report(results: dict, bundle: Bundle, out: Path) -> tuple[Path, Path]:
         *_metrics(results, kinds), *_trust(kinds, config),
         ("h2", "Figures"), *(("img", PLOT_CAPTIONS[name], file) for name, file in results["plots"].items()),
         *([] if results["plots"] else [("p", "No figures were drawn for this evaluation.")]),
-        *_fused(results), *_warnings(results, config, kinds)]
+        *_fused(results), *_audit(results), *_warnings(results, config, kinds)]
     md, page = out / "report.md", out / "report.html"
     with atomic_write(md, "w", encoding="utf-8") as f:
         f.write(render_markdown(blocks))

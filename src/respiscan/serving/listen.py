@@ -1,5 +1,6 @@
 """`respiscan listen`: a DICOM C-STORE receiver (pynetdicom) that answers each X-ray instance and CT series
-with a Structured Report, written under the output folder and, when asked, sent on by C-STORE.
+with a Structured Report (and, with `explain`, a Grad-CAM Secondary Capture), written under the output folder
+and, when asked, sent on by C-STORE.
 
 A CT series has no "last slice" marker, so it counts as complete when its sender releases the association
 or after `series_timeout` seconds without a new instance of it; an X-ray instance is complete on arrival.
@@ -78,6 +79,7 @@ class ListenConfig:
     ae_title: str = "RESPISCAN"
     forward: Peer | None = None
     series_timeout: float = 10.0  # seconds without a new instance after which a CT series is complete
+    explain: bool = False  # add a Secondary Capture of the Grad-CAM overlay beside each SR
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -99,6 +101,7 @@ class Processed:
     probability: float | None = None
     label: str | None = None
     sr_path: Path | None = None
+    sc_path: Path | None = None  # the Grad-CAM Secondary Capture, with `explain`
     forwarded: bool = False
     error: str | None = None
 
@@ -131,6 +134,7 @@ class Listener:
         self._threads: list[threading.Thread] = []
         self._spool: Path | None = None
         self._ae = self._server = None
+        self._explainer = None
 
     @property
     def port(self) -> int:
@@ -256,15 +260,16 @@ class Listener:
         where = f"study {names['study']} series {names['series']} ({series.modality}, {len(series.files)} " \
                 f"instance(s))"
         try:
-            result = report(self.pipeline, sorted(series.files.values()))
-            sr = result.datasets[0]
-            path = self.config.out / names["study"] / f"{sr.SOPInstanceUID}.dcm"
-            with atomic_write(path, "wb") as f:
-                sr.save_as(f, enforce_file_format=True)
+            result = report(self.explainer() if self.config.explain else self.pipeline, sorted(series.files.values()),
+                            explain=self.config.explain)
+            paths = [self.config.out / names["study"] / f"{ds.SOPInstanceUID}.dcm" for ds in result.datasets]
+            for ds, path in zip(result.datasets, paths):
+                with atomic_write(path, "wb") as f:
+                    ds.save_as(f, enforce_file_format=True)
             forwarded = False
             if self.config.forward is not None:
                 try:
-                    self._forward(sr)
+                    self._forward(result.datasets)
                     forwarded = True
                 except RespiscanError as exc:
                     log.error("%s: SR written but not forwarded: %s", where, exc)
@@ -275,12 +280,25 @@ class Listener:
             return Processed(**names, seconds=time.perf_counter() - start, error=message)
         p, threshold = result.result["probability"], result.result["threshold"]
         seconds = time.perf_counter() - start
-        log.info("%s: %s, p(COVID) = %.4f (threshold %.3f); SR %s%s; %.2f s", where, result.result["label"], p,
-                 threshold, path, f", forwarded to {self.config.forward}" if forwarded else "", seconds)
-        return Processed(**names, seconds=seconds, probability=p, label=result.result["label"], sr_path=path,
-                         forwarded=forwarded)
+        sc_path = paths[1] if len(paths) > 1 else None
+        log.info("%s: %s, p(COVID) = %.4f (threshold %.3f); SR %s%s%s; %.2f s", where, result.result["label"], p,
+                 threshold, paths[0], f", Grad-CAM {sc_path}" if sc_path else "",
+                 f", forwarded to {self.config.forward}" if forwarded else "", seconds)
+        return Processed(**names, seconds=seconds, probability=p, label=result.result["label"], sr_path=paths[0],
+                         sc_path=sc_path, forwarded=forwarded)
 
-    def _forward(self, sr) -> None:
+    def explainer(self):
+        """With `explain`, the torch pipeline that predicts and runs Grad-CAM (loaded once, on first use), so
+        that the SR and the Secondary Capture come from the same network."""
+        from respiscan.serving.torch_engine import Pipeline
+
+        if self._explainer is None:
+            has_net = getattr(self.pipeline, "net", None) is not None
+            self._explainer = self.pipeline if has_net else Pipeline(self.pipeline.bundle)
+        return self._explainer
+
+    def _forward(self, datasets) -> None:
+        """The SR (and the Secondary Capture) by C-STORE, in one association."""
         pynetdicom = require("pynetdicom", "respiscan listen --forward")
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -288,17 +306,22 @@ class Listener:
         ae = pynetdicom.AE(ae_title=self.config.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = NETWORK_TIMEOUT_S
         ae.connection_timeout = NETWORK_TIMEOUT_S
-        ae.add_requested_context(sr.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for sop_class in dict.fromkeys(ds.SOPClassUID for ds in datasets):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
         if not assoc.is_established:
             raise RespiscanError(f"{peer}: association rejected, aborted or not answered")
         try:
-            status = assoc.send_c_store(sr)
+            codes = []
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                codes.append(status.get("Status") if status else None)
         finally:
             assoc.release()
-        code = status.get("Status") if status else None
-        if code != _SUCCESS:
-            raise RespiscanError(f"{peer}: C-STORE " + ("not answered" if code is None else f"status 0x{code:04X}"))
+        for ds, code in zip(datasets, codes):
+            if code != _SUCCESS:
+                raise RespiscanError(f"{peer}: C-STORE of the {ds.SOPClassUID.name} "
+                                     + ("not answered" if code is None else f"status 0x{code:04X}"))
 
 
 def listen(pipeline, config: ListenConfig) -> None:

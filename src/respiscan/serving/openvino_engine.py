@@ -6,6 +6,7 @@ may run it. An optional extra: `pip install "respiscan[openvino]"`.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ class OpenVinoPipeline(BasePipeline):
         first = next(iter(self.compiled.values()))
         self.precision = "bf16" if first.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "fp32"
         self.output_names = [spec.output, *([spec.embedding_output] if spec.embedding_output else [])]
+        # calling a compiled model runs its one infer request: a second thread at once gets "Infer Request is busy"
+        self._locks = {m: threading.Lock() for m in self.modalities}
 
     def outputs(self, images: np.ndarray, modality: str) -> Outputs:
         self.check_modality(modality)
@@ -36,9 +39,10 @@ class OpenVinoPipeline(BasePipeline):
         compiled = self.compiled[modality]
         ports = [compiled.output(name) for name in self.output_names]
         out = []
-        for i in range(0, len(images), BATCH):
-            result = compiled(images[i:i + BATCH])
-            out.append([result[port] for port in ports])
+        with self._locks[modality]:
+            for i in range(0, len(images), BATCH):
+                result = compiled(images[i:i + BATCH])
+                out.append([result[port] for port in ports])
         if not out:
             return Outputs(np.zeros(0), np.zeros((0, 0), np.float32))
         p = np.concatenate([o[0] for o in out]).astype(np.float64)

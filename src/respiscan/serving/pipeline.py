@@ -45,6 +45,15 @@ class Scored:
     uncalibrated: np.ndarray  # the network's p(COVID), before the bundle's calibration (mean over TTA views)
 
 
+@dataclass(frozen=True)
+class PreparedCase:
+    """One case ready for the engine (`BasePipeline.prepare_case`): its preprocessed images by modality and,
+    for a CT volume, the volume's result (a volume is scored slice by slice, on its own, when prepared)."""
+
+    images: dict[str, np.ndarray]  # modality -> (size, size) uint8
+    ct_volume: dict | None = None
+
+
 class BasePipeline:
     """A loaded bundle. `predict(xray=..., ct=...)` for one case, `predict_samples` for many."""
 
@@ -92,7 +101,7 @@ class BasePipeline:
         out = self.outputs(views.reshape(-1, *images.shape[1:]), modality)
         raw = out.probability.reshape(tta, len(images))
         p = self.calibrate(raw, modality)
-        shift = self.shift.score(out.embedding[:len(images)], modality) if self.shift else None
+        shift = self.shift.score(out.embedding[:len(images)], images, modality) if self.shift else None
         return Scored(p.mean(axis=0), None if shift is None else shift.score,
                       None if shift is None else shift.in_distribution, p.std(axis=0) if tta > 1 else None,
                       raw.mean(axis=0))
@@ -118,34 +127,63 @@ class BasePipeline:
         Per modality, `<m>_in_distribution` is false when the image is unlike the training images (`<m>_ood_score`
         above 1; both None for a bundle without a shift detector, or a volume). `tta` > 1 averages that many
         test-time augmentations and adds `<m>_tta_std`, their spread."""
+        return self.predict_prepared([self.prepare_case(xray, ct)], tta)[0]
+
+    def prepare_case(self, xray: ImageInput | None = None, ct: ImageInput | None = None) -> PreparedCase:
+        """`predict`'s checks and preprocessing, without the engine (but a CT volume is scored here)."""
         given = {m: image for m, image in zip(MODALITIES, (xray, ct)) if image is not None}
         if not given:
             raise RespiscanError("give an X-ray, a CT image, or both")
         for modality in given:
             self.check_modality(modality)
-        result: dict = {"xray_probability": None, "ct_probability": None}
-        result |= {f"{m}_{key}": None for m in MODALITIES for key in ("in_distribution", "ood_score")}
+        images, volume = {}, None
         for modality, image in given.items():
             if modality == "ct" and not isinstance(image, np.ndarray) and is_volume(image):
                 from respiscan.serving.volume import score_volume
 
-                result["ct_volume"] = score_volume(self, image)
-                result["ct_probability"] = result["ct_volume"]["probability"]
-                continue
-            scored = self.score(self.prepare(image, modality)[None], modality, tta)
-            result[f"{modality}_probability"] = float(scored.probability[0])
+                volume = score_volume(self, image)
+            else:
+                images[modality] = self.prepare(image, modality)
+        return PreparedCase(images, volume)
+
+    def predict_prepared(self, cases: list[PreparedCase], tta: int = 1) -> list[dict]:
+        """`predict`'s result for each case, with one engine call per modality for all of them (the server
+        scores concurrent requests together this way). With `tta` > 1, one call per case: the random views
+        of an image depend on its place in the batch (tta.py), and a case must not depend on the others."""
+        results: list[dict] = []
+        for case in cases:
+            result: dict = {"xray_probability": None, "ct_probability": None}
+            result |= {f"{m}_{key}": None for m in MODALITIES for key in ("in_distribution", "ood_score")}
+            if case.ct_volume is not None:
+                result["ct_volume"] = case.ct_volume
+                result["ct_probability"] = case.ct_volume["probability"]
+            results.append(result)
+        for modality in MODALITIES:
+            rows = [i for i, case in enumerate(cases) if modality in case.images]
+            for group in [rows] if tta == 1 and rows else [[i] for i in rows]:
+                self._score_into(results, cases, group, modality, tta)
+        for case, result in zip(cases, results):
+            given = [m for m in MODALITIES if m in case.images or (m == "ct" and case.ct_volume is not None)]
+            kind = "fused" if len(given) == 2 else given[0]
+            result["probability"] = fuse([result[f"{m}_probability"] for m in given])
+            result["label"] = self.label(result["probability"], kind)
+            result["threshold"] = self.thresholds[kind]
+            result["operating_point"] = self.operating_point
+            result["tta"] = tta
+        return results
+
+    def _score_into(self, results: list[dict], cases: list[PreparedCase], rows: list[int], modality: str,
+                    tta: int) -> None:
+        """One engine call for the `modality` images of `cases[rows]`; their fields written into `results`."""
+        scored = self.score(np.stack([cases[i].images[modality] for i in rows]), modality, tta)
+        for j, i in enumerate(rows):
+            result = results[i]
+            result[f"{modality}_probability"] = float(scored.probability[j])
             if scored.ood_score is not None:
-                result[f"{modality}_in_distribution"] = bool(scored.in_distribution[0])
-                result[f"{modality}_ood_score"] = float(scored.ood_score[0])
+                result[f"{modality}_in_distribution"] = bool(scored.in_distribution[j])
+                result[f"{modality}_ood_score"] = float(scored.ood_score[j])
             if scored.tta_std is not None:
-                result[f"{modality}_tta_std"] = float(scored.tta_std[0])
-        kind = "fused" if len(given) == 2 else next(iter(given))
-        result["probability"] = fuse([result[f"{m}_probability"] for m in given])
-        result["label"] = self.label(result["probability"], kind)
-        result["threshold"] = self.thresholds[kind]
-        result["operating_point"] = self.operating_point
-        result["tta"] = tta
-        return result
+                result[f"{modality}_tta_std"] = float(scored.tta_std[j])
 
     def predict_samples(self, samples: list[Sample], strict: bool = False,
                         tta: int = 1) -> tuple[list[dict], list[tuple[str, str]]]:

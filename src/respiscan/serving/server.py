@@ -1,7 +1,9 @@
 """`respiscan serve`: a bundle behind a versioned REST API and a self-contained web page (the `serve` extra).
 
-One process loads the bundle once (`respiscan.serving.load`: ONNX when exported, else torch) and predicts in a
-bounded thread pool. Whatever arrives from the network is treated as hostile:
+One process loads the bundle once (`respiscan.serving.load`: ONNX when exported, else torch). A request's files
+are read and preprocessed in a bounded thread pool; the engine then scores the cases of all the requests that
+are waiting in one call per modality (batcher.py: single-case inference runs at half the batch rate), and each
+request gets what `predict` would have given it alone. Whatever arrives from the network is treated as hostile:
 
 - a body over `Limits.max_body_bytes` is refused (413) from its Content-Length before it is read, or as soon as
   a chunked body passes the limit; more parts than `max_parts` and oversized fields are 413 as they arrive;
@@ -51,7 +53,8 @@ from typing import TYPE_CHECKING, Any
 from respiscan.errors import ImageReadError, RespiscanError
 from respiscan.extras import require
 from respiscan.serving import Engine, load
-from respiscan.serving.pipeline import BasePipeline
+from respiscan.serving.batcher import BatchConfig, Batcher
+from respiscan.serving.pipeline import BasePipeline, PreparedCase
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -158,14 +161,19 @@ class AuditLog:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.open("a", encoding="utf-8").close()
+            # opened once, line-buffered: each record reaches the file when written, without an open per request
+            self._file = self.path.open("a", encoding="utf-8", buffering=1)
         except OSError as e:
             raise RespiscanError(f"{self.path}: cannot write the audit log ({e.strerror})") from e
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
+        with self._lock:
+            self._file.write(line)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
 
 
 # --- uploads -----------------------------------------------------------------------------------------------
@@ -194,7 +202,9 @@ class Call:
     uploads: list[Upload] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # server path -> how a message names it
     result: Any = None
-    pending: Future | None = None  # the worker thread's work
+    pending: Future | None = None  # the work being waited for (in a worker thread or the batcher)
+    deadline: float | None = None  # time.monotonic() by which the prediction must be done
+    inputs: dict[str, Path] = field(default_factory=dict)  # modality -> what the pipeline reads
 
     def public(self, text: str) -> str:
         """`text` with every server path replaced by the name of the upload it is, on one line."""
@@ -444,7 +454,7 @@ class Service:
     """What the endpoints share: the pipeline, the worker threads, limits, tokens, audit log and temp area."""
 
     def __init__(self, pipeline: BasePipeline, workers: int, limits: Limits, tokens: list[Token] | None,
-                 audit: AuditLog | None, temp_dir: Path):
+                 audit: AuditLog | None, temp_dir: Path, batch: BatchConfig = BatchConfig()):
         from respiscan.serving.onnx_engine import OnnxPipeline
 
         if workers < 1 or limits.max_pending < 1:
@@ -452,6 +462,10 @@ class Service:
         self.pipeline, self.limits, self.tokens, self.audit, self.temp_dir = pipeline, limits, tokens, audit, temp_dir
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="respiscan-predict")
+        self.batch = batch
+        # the pipeline's method is looked up per batch, so that a test can stand in for it
+        self.batcher: Batcher[PreparedCase, dict] = Batcher(lambda cases: self.pipeline.predict_prepared(cases),
+                                                            batch)
         self.admission = Admission(limits.max_pending)
         config = pipeline.config
         self.engine = "onnx" if isinstance(pipeline, OnnxPipeline) else "torch"
@@ -530,11 +544,27 @@ class Service:
 
     async def run(self, call: Call, fn: Callable, *args: Any) -> Any:
         """`fn(*args)` in a worker thread, within the inference timeout."""
-        call.pending = self.pool.submit(fn, *args)
+        return await self.wait(call, self.pool.submit(fn, *args))
+
+    async def wait(self, call: Call, future: Future) -> Any:
+        """`future`'s result, within what is left of the inference timeout (counted from the first wait)."""
+        if call.deadline is None:
+            call.deadline = time.monotonic() + self.limits.inference_timeout_s
+        call.pending = future
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(call.pending), self.limits.inference_timeout_s)
-        except TimeoutError:
+            return await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, call.deadline - time.monotonic()))
+        except TimeoutError:  # a case still queued in the batcher is cancelled with it
             raise ApiError(504, f"the prediction took longer than {self.limits.inference_timeout_s:g} s") from None
+
+    async def predict(self, call: Call, explain: bool) -> dict[str, Any]:
+        """One case: read and preprocessed in a worker thread, scored by the batcher together with the cases of
+        the other requests waiting, and explained (when asked) in a worker thread."""
+        case = await self.run(call, self.prepare_case, call)
+        result = await self.wait(call, self.batcher.submit(case))
+        if explain:
+            images = {m: p for m, p in call.inputs.items() if not (m == "ct" and "ct_volume" in result)}
+            result["explanations"] = await self.run(call, self.explain, images, call.folder / "gradcam")
+        return result
 
     def reply(self, call: Call, body: dict[str, Any], received: float, done: float) -> "Response":
         from starlette.responses import JSONResponse
@@ -555,17 +585,12 @@ class Service:
             raise ApiError(415, f"{upload.label}: a zip archive; only a CT series may come zipped")
         return unpack_zip(upload, call, self.limits)
 
-    def predict_case(self, call: Call, explain: bool) -> dict[str, Any]:
-        inputs: dict[str, Path] = {}
+    def prepare_case(self, call: Call) -> PreparedCase:
         for upload in call.uploads:
-            if upload.field in inputs:
+            if upload.field in call.inputs:
                 raise ApiError(400, f"{upload.field} is given twice; send several cases to /v1/predict/batch")
-            inputs[upload.field] = self.image_path(upload, call)
-        result = self.pipeline.predict(**inputs)
-        if explain:
-            images = {m: p for m, p in inputs.items() if not (m == "ct" and "ct_volume" in result)}
-            result["explanations"] = self.explain(images, call.folder / "gradcam")
-        return result
+            call.inputs[upload.field] = self.image_path(upload, call)
+        return self.pipeline.prepare_case(**call.inputs)
 
     def explainer(self) -> BasePipeline:
         """A torch pipeline of its own for Grad-CAM, used under `_explain_lock`: Grad-CAM's hooks must not fire
@@ -586,16 +611,21 @@ class Service:
                 for m, p in zip(images, paths)]
 
     def predict_batch(self, call: Call) -> list[dict[str, Any]]:
-        entries = []
+        """Each file prepared here, then all of them scored by the batcher; an error stays with its file."""
+        entries, pending = [], []
         for index, upload in enumerate(call.uploads):
             entry: dict[str, Any] = {"index": index, "field": upload.field, "filename": upload.filename}
             try:
-                entry["result"] = call.scrub(self.pipeline.predict(**{upload.field: self.image_path(upload, call)}))
-            except ApiError as e:
-                entry["error"], entry["status"] = call.public(str(e)), e.status
-            except RespiscanError as e:
-                entry["error"], entry["status"] = call.public(str(e)), 422 if isinstance(e, ImageReadError) else 400
+                case = self.pipeline.prepare_case(**{upload.field: self.image_path(upload, call)})
+                pending.append((entry, self.batcher.submit(case)))
+            except (ApiError, RespiscanError) as e:
+                _entry_error(entry, call, e)
             entries.append(entry)
+        for entry, future in pending:
+            try:
+                entry["result"] = call.scrub(future.result())
+            except RespiscanError as e:
+                _entry_error(entry, call, e)
         return entries
 
     def dicom_report(self, call: Call, explain: bool) -> list[bytes]:
@@ -629,10 +659,19 @@ class Service:
         return {**config.to_dict(), "hashes": self.hashes,
                 "training_sources": config.data.sources_by_modality(), "transfer_note": config.data.transfer_note(),
                 "server": {"engine": self.engine, "workers": self.workers, "auth": self.tokens is not None,
-                           "limits": asdict(self.limits)}}
+                           "limits": asdict(self.limits), "batch": asdict(self.batch)}}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.batcher.close()
+        if self.audit is not None:
+            self.audit.close()
+
+
+def _entry_error(entry: dict[str, Any], call: Call, error: Exception) -> None:
+    """A /v1/predict/batch file's error and its status, as /v1/predict would answer it."""
+    status = error.status if isinstance(error, ApiError) else 422 if isinstance(error, ImageReadError) else 400
+    entry["error"], entry["status"] = call.public(str(error)), status
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -653,7 +692,7 @@ def _form(properties: dict[str, Any]) -> dict[str, Any]:
 
 def create_app(bundle: str | Path | BasePipeline, *, engine: Engine = "auto", workers: int = 2,
                limits: Limits = Limits(), tokens: list[Token] | None = None, audit_log: str | Path | None = None,
-               temp_dir: str | Path | None = None) -> "FastAPI":
+               temp_dir: str | Path | None = None, batch: BatchConfig = BatchConfig()) -> "FastAPI":
     """The FastAPI app serving `bundle` (a bundle folder, loaded once here, or a loaded pipeline).
 
     `temp_dir` holds the per-request folders (default: a new folder in the system's temp area, removed at
@@ -671,7 +710,7 @@ def create_app(bundle: str | Path | BasePipeline, *, engine: Engine = "auto", wo
     own_temp = temp_dir is None
     root = Path(tempfile.mkdtemp(prefix="respiscan-serve-") if own_temp else temp_dir)
     root.mkdir(parents=True, exist_ok=True)
-    service = Service(pipeline, workers, limits, tokens, AuditLog(audit_log) if audit_log else None, root)
+    service = Service(pipeline, workers, limits, tokens, AuditLog(audit_log) if audit_log else None, root, batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -733,7 +772,7 @@ def create_app(bundle: str | Path | BasePipeline, *, engine: Engine = "auto", wo
             values = await read_form(request, call, limits, MODALITY_FIELDS, ("explain",))
             explain = flag(values, request, "explain")
             received = time.perf_counter()
-            result = call.scrub(await service.run(call, service.predict_case, call, explain))
+            result = call.scrub(await service.predict(call, explain))
             call.result = _summary(result)
             return service.reply(call, result, received, time.perf_counter())
         return await service.handle(request, "/v1/predict", work)
@@ -793,7 +832,8 @@ def is_loopback(host: str) -> bool:
 
 def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token_file: str | Path | None = None,
           workers: int = 2, engine: Engine = "auto", audit_log: str | Path = "respiscan-audit.jsonl",
-          limits: Limits = Limits(), announce: Callable[[str], None] = print) -> None:
+          limits: Limits = Limits(), batch: BatchConfig = BatchConfig(),
+          announce: Callable[[str], None] = print) -> None:
     """Serve until SIGTERM or Ctrl-C, then finish the requests in flight and return.
 
     The port is bound here before uvicorn starts (port 0 picks a free one, which `announce` names).
@@ -809,14 +849,16 @@ def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, toke
     except OSError as e:
         raise RespiscanError(f"cannot listen on {host}:{port} ({e.strerror or e})") from e
     try:
-        app = create_app(bundle, engine=engine, workers=workers, limits=limits, tokens=tokens, audit_log=audit_log)
+        app = create_app(bundle, engine=engine, workers=workers, limits=limits, tokens=tokens, audit_log=audit_log,
+                         batch=batch)
         service: Service = app.state.service
         server = uvicorn.Server(uvicorn.Config(
             app, log_level="warning", access_log=False,
             timeout_graceful_shutdown=int(limits.upload_timeout_s + limits.inference_timeout_s)))
         address = f"[{host}]" if family == socket.AF_INET6 else host
         announce(f"serving {bundle} on http://{address}:{sock.getsockname()[1]} ({service.engine} engine, "
-                 f"{workers} worker threads, {'token required' if tokens else 'no token'}; audit log {audit_log}); "
+                 f"{workers} worker threads, batches of up to {batch.max_batch}, "
+                 f"{'token required' if tokens else 'no token'}; audit log {audit_log}); "
                  f"SIGTERM or Ctrl-C stops")
         # uvicorn re-raises the signal that stopped it once it has shut down gracefully: with these handlers
         # in place that ends the command normally (exit 0) instead of killing it

@@ -1,11 +1,12 @@
-"""The distribution-shift warning: how far an input's embedding lies from the training images', without torch.
+"""The distribution-shift warning: how far an input lies from the training images, without torch.
 
 Training (training/shift.py) fits, per modality, the mean and a Ledoit-Wolf shrunk precision matrix of the
-task-specific 1280-d embeddings of the training images, and sets the threshold at the distance that 95 % of
-the validation images stay under (a 5 % false-alarm rate on in-source images). Here, both engines score an
-embedding with the same numpy code: the Mahalanobis distance divided by that threshold, so a score above 1
-means "farther from the training images than 95 % of the validation images were", and the input is then
-reported as not in distribution. The statistics are a safetensors file in the bundle, checked by hash.
+task-specific embeddings of the training images and of their image statistics (data/image_stats.py), and sets
+one threshold per distance so that 95 % of the validation images stay under both (a 5 % false-alarm rate on
+in-source images). Here, both engines score with the same numpy code: the larger of the two distances over its
+threshold, so a score above 1 means "farther from the training images than 95 % of the validation images were",
+and the input is then reported as not in distribution. Bundles from before the image statistics score the
+embedding alone. The statistics are a safetensors file in the bundle, checked by hash.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from respiscan.bundle import Bundle, OodDetector, ood_mean_key, ood_precision_key
+from respiscan.bundle import Bundle, OodDetector, ood_image_key, ood_mean_key, ood_precision_key
+from respiscan.data.image_stats import image_statistics
 from respiscan.errors import RespiscanError
 
 
@@ -48,10 +50,15 @@ class ShiftScorer:
             raise RespiscanError(f"{file}: unreadable safetensors file ({e})") from e
         self.detector = detector
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for m in detector.modalities:
-            if ood_mean_key(m) not in tensors or ood_precision_key(m) not in tensors:
-                raise RespiscanError(f"{file}: no statistics for {m}")
-            self.stats[m] = tensors[ood_mean_key(m)], tensors[ood_precision_key(m)]
+        self.image_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for m, limits in detector.modalities.items():
+            keys = {"embedding": (ood_mean_key(m), ood_precision_key(m))}
+            if limits.image_threshold is not None:
+                keys["image"] = ood_image_key(m, "mean"), ood_image_key(m, "precision")
+            for what, (mean, precision) in keys.items():
+                if mean not in tensors or precision not in tensors:
+                    raise RespiscanError(f"{file}: no {what} statistics for {m}")
+                (self.stats if what == "embedding" else self.image_stats)[m] = tensors[mean], tensors[precision]
 
     @classmethod
     def of(cls, bundle: Bundle) -> ShiftScorer | None:
@@ -59,9 +66,16 @@ class ShiftScorer:
         detector = bundle.config.ood
         return None if detector is None else cls(bundle.path, detector)
 
-    def score(self, embeddings: np.ndarray, modality: str) -> ShiftScores:
-        mean, precision = self.stats[modality]
-        centred = np.asarray(embeddings, dtype=np.float32) - mean  # float32 products, float64 sum: 1e-6 relative
-        distance = np.sqrt(np.maximum(((centred @ precision) * centred).sum(axis=1, dtype=np.float64), 0.0))
-        score = distance / self.detector.modalities[modality].threshold
+    def score(self, embeddings: np.ndarray, images: np.ndarray, modality: str) -> ShiftScores:
+        """Embeddings (N, D) and the preprocessed uint8 images (N, H, W) they came from."""
+        limits = self.detector.modalities[modality]
+        score = _distance(embeddings, *self.stats[modality]) / limits.threshold
+        if modality in self.image_stats:
+            score = np.maximum(score, _distance(image_statistics(images), *self.image_stats[modality])
+                               / limits.image_threshold)
         return ShiftScores(score, score <= 1.0)
+
+
+def _distance(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    centred = np.asarray(x, dtype=np.float32) - mean  # float32 products, float64 sum: 1e-6 relative
+    return np.sqrt(np.maximum(((centred @ precision) * centred).sum(axis=1, dtype=np.float64), 0.0))

@@ -1,10 +1,14 @@
 """Fit the distribution-shift detector that serving/shift.py scores: per modality, the mean and Ledoit-Wolf
-shrunk precision of the training images' task-specific embeddings, and a threshold on the validation images.
+shrunk precision of the training images' task-specific embeddings and of their image statistics
+(data/image_stats.py), and a threshold for each distance, set together on the validation images.
 
-Ledoit-Wolf, because 1280 dimensions from a few hundred images give a singular sample covariance; the
-threshold comes from validation images, because the training images' own distances are optimistic (the
-embedder was fitted to them). sklearn's `mahalanobis` sets the threshold; serving recomputes the same
-distance in numpy from the stored statistics (tests/test_shift.py checks that the two agree).
+Two distances, because each misses what the other sees: the embedding knows what the model learnt, the image
+statistics what a chest scan looks like (the embedding alone let most photographs and noise through on
+realdev's CT; README "Can I trust this prediction?"). Ledoit-Wolf, because 1280 dimensions from a few hundred
+images give a singular sample covariance; the thresholds come from validation images, because the training
+images' own distances are optimistic (the embedder was fitted to them). sklearn's `mahalanobis` sets the
+thresholds; serving recomputes the same distances in numpy from the stored statistics (tests/test_shift.py
+checks that the two agree).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from respiscan.bundle import OOD_FILE, ood_mean_key, ood_precision_key, sha256_file
+from respiscan.bundle import OOD_FILE, ood_image_key, ood_mean_key, ood_precision_key, sha256_file
+from respiscan.data.image_stats import image_statistics
 from respiscan.errors import RespiscanError
 from respiscan.runtime import save_tensors
 
@@ -25,27 +30,39 @@ FALSE_ALARM_RATE = 0.05  # share of in-source (validation) images flagged, by co
 
 @dataclass(frozen=True)
 class FittedOod:
-    """The statistics to write (tensor name -> array) and the config record of each modality's threshold."""
+    """The statistics to write (tensor name -> array) and the config record of each modality's thresholds."""
 
     tensors: dict[str, np.ndarray]
     thresholds: dict[str, dict]
     false_alarm_rate: float
 
 
-def fit_ood(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
-            false_alarm_rate: float = FALSE_ALARM_RATE) -> FittedOod:
-    """Per modality: statistics of `train[m]` (N, D) and the distance that (1 - rate) of `val[m]` stay under."""
+def _mahalanobis(fit: np.ndarray, check: np.ndarray) -> tuple[LedoitWolf, np.ndarray]:
+    fitted = LedoitWolf().fit(np.asarray(fit, dtype=np.float64))
+    return fitted, np.sqrt(fitted.mahalanobis(np.asarray(check, dtype=np.float64)))
+
+
+def fit_ood(train: dict[str, np.ndarray], val: dict[str, np.ndarray], train_images: dict[str, np.ndarray],
+            val_images: dict[str, np.ndarray], false_alarm_rate: float = FALSE_ALARM_RATE) -> FittedOod:
+    """Per modality: statistics of the embeddings `train[m]` (N, D) and of the images `train_images[m]`
+    (N, H, W) uint8, and the two thresholds at which a share `false_alarm_rate` of the validation images has
+    one distance or the other too large (each distance's own quantile, both scaled by one common factor)."""
     tensors, thresholds = {}, {}
     for m, x in train.items():
         if len(x) < 2 or len(val[m]) < 1:
             raise RespiscanError(f"the shift detector needs at least 2 training and 1 validation {m} images")
-        fitted = LedoitWolf().fit(np.asarray(x, dtype=np.float64))
-        distance = np.sqrt(fitted.mahalanobis(np.asarray(val[m], dtype=np.float64)))
-        threshold = float(np.quantile(distance, 1 - false_alarm_rate))
-        tensors[ood_mean_key(m)] = fitted.location_.astype(np.float32)
-        tensors[ood_precision_key(m)] = fitted.precision_.astype(np.float32)
-        thresholds[m] = {"threshold": threshold, "n_train": len(x), "n_val": len(val[m]),
-                         "val_flagged": float(np.mean(distance > threshold))}
+        embedding, d_embedding = _mahalanobis(x, val[m])
+        image, d_image = _mahalanobis(image_statistics(train_images[m]), image_statistics(val_images[m]))
+        q = 1 - false_alarm_rate
+        limits = np.array([np.quantile(d_embedding, q), np.quantile(d_image, q)])
+        limits *= np.quantile(np.maximum(d_embedding / limits[0], d_image / limits[1]), q)
+        flagged = (d_embedding > limits[0]) | (d_image > limits[1])
+        for (mean_key, precision_key), fitted in (((ood_mean_key(m), ood_precision_key(m)), embedding),
+                                                  ((ood_image_key(m, "mean"), ood_image_key(m, "precision")), image)):
+            tensors[mean_key] = fitted.location_.astype(np.float32)
+            tensors[precision_key] = fitted.precision_.astype(np.float32)
+        thresholds[m] = {"threshold": float(limits[0]), "image_threshold": float(limits[1]), "n_train": len(x),
+                         "n_val": len(val[m]), "val_flagged": float(np.mean(flagged))}
     return FittedOod(tensors, thresholds, false_alarm_rate)
 
 
@@ -53,4 +70,5 @@ def write_ood(folder: Path, fitted: FittedOod) -> dict:
     """Write the statistics into the bundle folder; the config's `ood` record that names them."""
     path = save_tensors(folder / OOD_FILE, {k: torch.from_numpy(v) for k, v in fitted.tensors.items()})
     return {"file": OOD_FILE, "sha256": sha256_file(path), "false_alarm_rate": fitted.false_alarm_rate,
-            "modalities": fitted.thresholds}
+            "modalities": fitted.thresholds, "space": "task-specific embedding (1280-d) and image statistics",
+            "method": "mahalanobis-ledoit-wolf, flagged when either distance exceeds its threshold"}

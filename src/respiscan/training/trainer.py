@@ -358,10 +358,18 @@ def _fused_threshold(data: FitData, calibrated: dict[str, dict[str, float]], thr
                                                       "calibrated probabilities")
 
 
-def fit_shift_detector(cfg: TrainConfig, emb: dict) -> FittedOod:
-    """Stage 5: the "unlike my training images" detector on the task-specific embeddings (training/shift.py)."""
-    return fit_ood({m: emb[f"task_{m}", "train"].numpy() for m in cfg.model.modalities},
-                   {m: emb[f"task_{m}", "val"].numpy() for m in cfg.model.modalities})
+def fit_shift_detector(cfg: TrainConfig, data: FitData, emb: dict) -> FittedOod:
+    """Stage 5: the "unlike my training images" detector on the task-specific embeddings and the image
+    statistics (training/shift.py), fitted on train; its thresholds come from the validation and calibration
+    images together, which no statistic was fitted on (a 95th percentile of ~100 validation images alone is
+    noisy)."""
+    def of(splits: tuple[str, ...]) -> tuple[dict, dict]:
+        parts = {m: [sp for sp in splits if (m, sp) in data.images] for m in cfg.model.modalities}
+        return ({m: np.concatenate([emb[f"task_{m}", sp].numpy() for sp in sps]) for m, sps in parts.items()},
+                {m: np.concatenate([data.images[m, sp][0].numpy() for sp in sps]) for m, sps in parts.items()})
+
+    (train, train_images), (check, check_images) = of(("train",)), of(("val", CALIBRATION))
+    return fit_ood(train, check, train_images, check_images)
 
 
 def check_bf16(net: MMTLNet, cfg: TrainConfig, data: FitData, device: torch.device) -> dict | None:
@@ -436,7 +444,7 @@ def train(data: DataPaths, out: str | Path, config: TrainConfig | None = None, *
     train_shared(net, cfg, fit_data, emb, store, keys, logs)
     head_x = train_heads(net, cfg, fit_data, emb, store, keys, logs, torch_device)
     validation = choose_thresholds(net, cfg, fit_data, head_x, torch_device)
-    ood = fit_shift_detector(cfg, emb)
+    ood = fit_shift_detector(cfg, fit_data, emb)
     if not distributed.is_main():
         return out
     bf16_check = check_bf16(net, cfg, fit_data, torch_device) if bf16 else None
