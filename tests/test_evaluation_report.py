@@ -84,6 +84,14 @@ def test_report_embeds_images_and_tabulates_metrics(evaluation):
     assert "Data audit of 48 images: 0 duplicate pair(s) across splits" in md  # recorded by train
 
 
+def _write_manifest(root: Path, rows: list[dict]) -> Path:
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
 def _two_source_copy(synth_data: Path, root: Path, groups: bool = True) -> Path:
     """The test images copied under `root` with a manifest naming two hospitals (by patient), and the
     patients only when `groups`."""
@@ -96,11 +104,7 @@ def _two_source_copy(synth_data: Path, root: Path, groups: bool = True) -> Path:
                 row["source"] = "hospital_a" if int(row["group"][-1]) % 2 else "hospital_b"
                 row["group"] = row["group"] if groups else ""
                 rows.append(row)
-    with open(root / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
+    return _write_manifest(root, rows)
 
 
 def test_per_source_breakdown(bundle, synth_data, tmp_path):
@@ -157,11 +161,7 @@ def _framed_with_conflict(synth_data: Path, root: Path) -> Path:
     shutil.copy(root / original["path"], root / "planted" / "relabelled.png")
     flipped = "Non_COVID" if original["label"] == "COVID" else "COVID"
     rows.append({**original, "path": "planted/relabelled.png", "label": flipped, "group": "planted"})
-    with open(root / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
+    return _write_manifest(root, rows)
 
 
 def test_report_shows_the_audit_beside_the_model(bundle, synth_data, tmp_path):
