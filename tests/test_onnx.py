@@ -67,6 +67,17 @@ def test_predict_gives_the_same_fused_result(exported, pair):
         assert got["label"] == want["label"]
 
 
+def test_one_modality_loads_one_graph_and_the_other_on_first_use(exported, pair):
+    both = OnnxPipeline(exported, threads=1)
+    pipe = OnnxPipeline(exported, threads=1, modalities=["xray"])
+    assert list(pipe.sessions) == ["xray"] and sorted(both.sessions) == ["ct", "xray"]
+    assert pipe.predict(xray=pair["xray"])["probability"] == pytest.approx(
+        both.predict(xray=pair["xray"])["probability"], abs=1e-6)
+    got = pipe.predict(ct=pair["ct"])  # the CT graph is built now, checked against its hash like the first
+    assert sorted(pipe.sessions) == ["ct", "xray"]
+    assert got["probability"] == pytest.approx(both.predict(ct=pair["ct"])["probability"], abs=1e-6)
+
+
 def test_onnx_engine_does_not_import_torch(exported, pair):
     code = ("import json, sys\n"
             "from respiscan.serving import load as open_pipeline\n"

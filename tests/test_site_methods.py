@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -120,6 +121,34 @@ def test_body_outline_keeps_the_whole_image_when_nothing_plausible_is_found():
     assert body_outline(np.zeros((64, 64), np.uint8), "xray") is None
     flat = np.full((64, 64), 120, np.uint8)
     np.testing.assert_array_equal(preprocess(flat, "xray", 64, crop="body"), preprocess(flat, "xray", 64))
+
+
+def test_body_hull_from_the_outline_equals_the_hull_of_every_pixel():
+    """The crop takes the convex hull of the largest region's outer boundary only (3.5x faster on realdev's CT,
+    where every one of the 6,134 hulls of realdev and sites came out identical): the same mask as the hull of
+    all its pixels, also for a ragged, concave region with holes."""
+    from respiscan.data.preprocess import _largest_bright_hull
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        image = np.full((200, 240), 10, np.uint8)
+        for _ in range(6):  # overlapping bright blobs with dark holes: one concave, ragged region
+            cv2.circle(image, tuple(int(v) for v in rng.integers(60, 180, 2)), int(rng.integers(15, 40)), 200, -1)
+        cv2.circle(image, tuple(int(v) for v in rng.integers(80, 160, 2)), 8, 10, -1)
+        image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+        got = _largest_bright_hull(image, None)
+        side = min(image.shape)
+        smooth = cv2.GaussianBlur(image, (0, 0), max(1.0, side / 150))
+        level, _ = cv2.threshold(smooth, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        k = max(3, side // 40)
+        bright = cv2.morphologyEx((smooth > level).astype(np.uint8), cv2.MORPH_OPEN,
+                                  cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(bright, connectivity=8)
+        region = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+        want = np.zeros_like(image)
+        cv2.fillConvexPoly(want, cv2.convexHull(cv2.findNonZero(region)), 255)
+        np.testing.assert_array_equal(got, want)
+        assert (want > 0).sum() > region.sum()  # concave: the hull adds pixels, so the test can tell
 
 
 def test_scanner_look_varies_profile_resolution_and_noise_reproducibly():

@@ -126,7 +126,8 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
     if data is None and xray is None and ct is None:
         raise RespiscanError("give --xray and/or --ct, or --data for a batch")
-    pipe = load_pipeline(bundle, engine, few_images=data is None)
+    given = [m for m, image in (("xray", xray), ("ct", ct)) if image is not None]
+    pipe = load_pipeline(bundle, engine, few_images=data is None, modalities=given if data is None else None)
     if operating_point:
         pipe.use_operating_point(operating_point)
     if data is None:

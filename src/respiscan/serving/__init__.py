@@ -6,6 +6,7 @@ Nothing here imports `respiscan.training` or `respiscan.evaluation`, and the ONN
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal, get_args
@@ -18,14 +19,15 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 def load(bundle: str | Path, engine: Engine = "auto", bf16: bool | None = None,
-         few_images: bool = False) -> BasePipeline:
+         few_images: bool = False, modalities: Iterable[str] | None = None) -> BasePipeline:
     """The pipeline for `engine`: "onnx", "openvino", "torch", or "auto": per modality the engine that
     `respiscan export --choose-engine` recorded (serving/engine_choice.py), else ONNX when the bundle has graphs
     and onnxruntime is installed, else torch.
 
     `respiscan.load`, `respiscan predict` and `evaluate` all choose through here. The torch engine is imported
     only when chosen, so "onnx"/"auto" on an exported bundle never loads torch. `few_images` (one case from the
-    command line) lets the ONNX engine skip set-up that pays off only over many batches.
+    command line) lets the ONNX engine skip set-up that pays off only over many batches, and `modalities` (the
+    ones a case gives) load only those graphs up front.
     """
     if engine not in ENGINES:
         raise RespiscanError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
@@ -44,7 +46,7 @@ def load(bundle: str | Path, engine: Engine = "auto", bf16: bool | None = None,
         if chosen is not None:
             return chosen
     if engine == "onnx" or (engine == "auto" and opened.has_onnx and find_spec("onnxruntime") is not None):
-        return OnnxPipeline(opened, few_images=few_images)
+        return OnnxPipeline(opened, few_images=few_images, modalities=modalities)
     from respiscan.serving.torch_engine import Pipeline
 
     return Pipeline(opened, bf16=bf16)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,9 +27,12 @@ BATCH = 32  # images per onnxruntime call: bounds memory on large batches, big e
 class OnnxPipeline(BasePipeline):
     """`BasePipeline` on onnxruntime: same preprocessing, fusion and labels as the torch engine, fp32."""
 
-    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, few_images: bool = False):
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, few_images: bool = False,
+                 modalities: Iterable[str] | None = None):
         """`few_images`: for a handful of images (one case from the command line), skip prepacking the weights,
-        which speeds every later batch but makes building a session about 40 % slower."""
+        which speeds every later batch but makes building a session about 40 % slower. `modalities`: the
+        graphs to load now (default all); another one is loaded on first use, so that an X-ray-only
+        prediction does not pay for building the CT session."""
         super().__init__(bundle)
         ort = require("onnxruntime", "the ONNX engine")  # imported here: the torch path must not need it
 
@@ -43,18 +48,23 @@ class OnnxPipeline(BasePipeline):
         self.input, self.output = spec.input, spec.output
         self.run_outputs = [self.output, *([spec.embedding_output] if spec.embedding_output else [])]
 
-        def session(modality: str) -> ort.InferenceSession:
-            data = graph_bytes(self.bundle, modality)
-            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
+        self._ort, self._options, self._lock = ort, options, threading.Lock()
+        now = [m for m in self.modalities if modalities is None or m in set(modalities)]
         # building a session is mostly native work outside the GIL: the graphs load side by side
-        with ThreadPoolExecutor(len(self.modalities)) as pool:
-            sessions = pool.map(session, self.modalities)
-            self.sessions: dict[str, ort.InferenceSession] = dict(zip(self.modalities, sessions))
+        with ThreadPoolExecutor(max(1, len(now))) as pool:
+            self.sessions: dict[str, ort.InferenceSession] = dict(zip(now, pool.map(self._session, now)))
+
+    def _session(self, modality: str):
+        return self._ort.InferenceSession(graph_bytes(self.bundle, modality), self._options,
+                                          providers=["CPUExecutionProvider"])
 
     def outputs(self, images: np.ndarray, modality: str) -> Outputs:
         self.check_modality(modality)
         images = np.ascontiguousarray(images, dtype=np.uint8)
+        if modality not in self.sessions:
+            with self._lock:
+                if modality not in self.sessions:
+                    self.sessions[modality] = self._session(modality)
         session = self.sessions[modality]
         out = [session.run(self.run_outputs, {self.input: images[i:i + BATCH]}) for i in range(0, len(images), BATCH)]
         if not out:
