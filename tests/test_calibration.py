@@ -211,7 +211,8 @@ def test_evaluate_reports_calibration_fixed_sensitivities_and_prevalence(bundle,
     config = Bundle.open(copy).config
     for m, metrics in results["modalities"].items():
         cal = metrics["calibration"]
-        assert set(cal["before"]) == set(cal["after"]) == {"ece", "brier", "log_loss"}
+        assert set(cal["before"]) == set(cal["after"]) == {"ece", "brier", "log_loss", "ece_if_calibrated"}
+        assert 0 < cal["after"]["ece_if_calibrated"]["mean"] <= cal["after"]["ece_if_calibrated"]["q95"]
         assert cal["after"]["ece"] == pytest.approx(metrics["ece"])
         assert metrics["operating_point"] == "sensitivity=0.9"
         if m in config.operating_points:

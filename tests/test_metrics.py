@@ -16,6 +16,7 @@ from respiscan.metrics import (
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
+    ece_if_calibrated,
     expected_calibration_error,
     reliability_curve,
 )
@@ -259,3 +260,25 @@ def test_choose_threshold_rejects_bad_requests(kwargs):
 def test_choose_threshold_needs_both_classes():
     with pytest.raises(RespiscanError):
         choose_threshold([1, 1], [0.2, 0.3])
+
+
+def test_ece_floor_of_a_calibrated_model_and_its_p_value():
+    """Labels drawn from the probabilities themselves are calibrated by construction: their ECE is what the
+    floor says (its p-value spread over (0, 1), rarely below 0.05), and it shrinks with the sample size; labels
+    from a model that is 0.15 too confident everywhere get a small p-value."""
+    rng = np.random.default_rng(3)
+    p_values, means = [], {}
+    for n in (150, 1500):
+        for trial in range(40):
+            p = rng.uniform(0.02, 0.98, n)
+            y = (rng.random(n) < p).astype(int)
+            floor = ece_if_calibrated(y, p, seed=trial)
+            means.setdefault(n, []).append(floor["mean"])
+            if n == 150:
+                p_values.append(floor["p_value"])
+                assert floor["mean"] <= floor["q95"]
+    assert 0.04 < np.mean(means[150]) < 0.09 and np.mean(means[1500]) < 0.5 * np.mean(means[150])
+    assert np.mean(np.array(p_values) < 0.05) <= 0.15 and 0.3 < np.mean(p_values) < 0.7
+    p = rng.uniform(0.02, 0.98, 400)
+    y = (rng.random(400) < np.clip(p - 0.15 * np.sign(p - 0.5), 0, 1)).astype(int)  # over-confident by 0.15
+    assert expected_calibration_error(y, p) > 0.1 and ece_if_calibrated(y, p)["p_value"] < 0.01

@@ -199,7 +199,9 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
         typer.echo(f"{name:5s} n={m['n']:4d} AUC={auc} acc={m['accuracy']:.3f} sens={_fmt(m['sensitivity'])} "
                    f"spec={_fmt(m['specificity'])} F1={_fmt(m['f1'])}{flagged}")
         cal = m["calibration"]
-        typer.echo(f"      calibration ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f}, log-loss "
+        floor = cal["after"]["ece_if_calibrated"]
+        typer.echo(f"      calibration ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} (a calibrated model: "
+                   f"{floor['mean']:.3f}, up to {floor['q95']:.3f}, on these images), log-loss "
                    f"{cal['before']['log_loss']:.3f} -> {cal['after']['log_loss']:.3f}")
         for target, v in m["at_sensitivity"].items():
             typer.echo(f"      at sensitivity {target} (threshold {v['threshold']:.3f} from calibration): "

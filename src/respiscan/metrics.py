@@ -445,11 +445,29 @@ def log_loss(y_true, prob) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
-def calibration_scores(y_true, prob) -> dict[str, float]:
-    """The three calibration measures evaluate reports before and after calibration (lower is better)."""
+def ece_if_calibrated(y_true, prob, n_bins: int = ECE_BINS, draws: int = N_RESAMPLES,
+                      seed: int = 0) -> dict[str, float]:
+    """Consistency resampling (Broecker and Smith 2007): the ECE a perfectly calibrated model with these
+    probabilities would show on this many images, drawing each label as Bernoulli(p). On a few hundred test
+    images that floor is itself several points, so an observed ECE is read against it: `mean` and `q95` of the
+    drawn ECEs, and `p_value`, the share of draws at least as far off as the observed one (small: miscalibrated)."""
+    y, p = check_binary_inputs(y_true, prob)
+    _check_n_bins(n_bins)
+    labels = (np.random.default_rng(seed).random((draws, len(p))) < p).astype(float)
+    onehot = np.zeros((len(p), n_bins))
+    onehot[np.arange(len(p)), _bin_index(p, n_bins)] = 1.0
+    drawn = np.abs(p @ onehot - labels @ onehot).sum(axis=1) / len(p)
+    observed = expected_calibration_error(y, p, n_bins)
+    return {"mean": float(drawn.mean()), "q95": float(np.quantile(drawn, 0.95)),
+            "p_value": float((1 + (drawn >= observed - 1e-12).sum()) / (draws + 1))}
+
+
+def calibration_scores(y_true, prob) -> dict:
+    """The calibration measures evaluate reports before and after calibration (lower is better), with the ECE
+    a perfectly calibrated model would show on the same images (`ece_if_calibrated`)."""
     y, p = check_binary_inputs(y_true, prob)
     return {"ece": expected_calibration_error(y, p), "brier": float(brier_score_loss(y, p, pos_label=1)),
-            "log_loss": log_loss(y, p)}
+            "log_loss": log_loss(y, p), "ece_if_calibrated": ece_if_calibrated(y, p)}
 
 
 def fit_calibration(y_true, prob, method: CalibrationMethod = "platt", fitted_on: str = "") -> Calibration:

@@ -162,6 +162,11 @@ def _threshold_rule(config: BundleConfig, kind: str) -> str:
     return "default 0.5: the validation split had one class only, so no threshold could be chosen"
 
 
+def _floor(scores: dict) -> str:
+    floor = scores.get("ece_if_calibrated")  # absent from results written before it existed
+    return "n/a" if floor is None else f"{floor['mean']:.3f}, up to {floor['q95']:.3f} (p = {floor['p_value']:.2f})"
+
+
 def _trust(kinds: dict[str, dict], config: BundleConfig) -> list[Block]:
     """Calibration before and after, the fixed-sensitivity operating points and, when asked, PPV/NPV at a
     deployment's prevalence."""
@@ -174,10 +179,13 @@ def _trust(kinds: dict[str, dict], config: BundleConfig) -> list[Block]:
         ("h2", "Calibration and operating points"),
         ("p", "Calibration maps the network's probabilities so that, among cases given p, a share p has COVID; it "
               "was fitted on the bundle's calibration split, which no stage trained or early-stopped on, and it "
-              "keeps every ranking (ROC AUC) unchanged. Each cell: uncalibrated -> calibrated, on the test split."),
-        ("table", ["Prediction", "Calibration", "ECE", "Brier score", "Log-loss"],
-         [[KIND_NAMES[k], method[k], pair(m, "ece"), pair(m, "brier"), pair(m, "log_loss")]
-          for k, m in kinds.items() if "calibration" in m])]
+              "keeps every ranking (ROC AUC) unchanged. Each cell: uncalibrated -> calibrated, on the test split. "
+              "ECE has a floor on a test split this size: the last column is the ECE a perfectly calibrated model "
+              "with the calibrated probabilities would show on these images (mean, 95th percentile; consistency "
+              "resampling), and the p-value of the calibrated ECE against it (small: miscalibrated)."),
+        ("table", ["Prediction", "Calibration", "ECE", "Brier score", "Log-loss", "ECE if calibrated (p)"],
+         [[KIND_NAMES[k], method[k], pair(m, "ece"), pair(m, "brier"), pair(m, "log_loss"),
+           _floor(m["calibration"]["after"])] for k, m in kinds.items() if "calibration" in m])]
     fixed = [[KIND_NAMES[k], target, f"{v['threshold']:.3f}", _with_ci(v, "sensitivity"), _with_ci(v, "specificity")]
              for k, m in kinds.items() for target, v in m.get("at_sensitivity", {}).items()]
     if fixed:
