@@ -200,8 +200,8 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
                    f"spec={_fmt(m['specificity'])} F1={_fmt(m['f1'])}{flagged}")
         cal = m["calibration"]
         floor = cal["after"]["ece_if_calibrated"]
-        typer.echo(f"      calibration ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} (a calibrated model: "
-                   f"{floor['mean']:.3f}, up to {floor['q95']:.3f}, on these images), log-loss "
+        typer.echo(f"      calibration ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} "
+                   f"(a calibrated model: {floor['mean']:.3f}, up to {floor['q95']:.3f}, on these images), log-loss "
                    f"{cal['before']['log_loss']:.3f} -> {cal['after']['log_loss']:.3f}")
         for target, v in m["at_sensitivity"].items():
             typer.echo(f"      at sensitivity {target} (threshold {v['threshold']:.3f} from calibration): "
