@@ -73,6 +73,9 @@ def test_one_modality_loads_one_graph_and_the_other_on_first_use(exported, pair)
     assert list(pipe.sessions) == ["xray"] and sorted(both.sessions) == ["ct", "xray"]
     assert pipe.predict(xray=pair["xray"])["probability"] == pytest.approx(
         both.predict(xray=pair["xray"])["probability"], abs=1e-6)
+    few = OnnxPipeline(exported, threads=1, few_images=True, modalities=["xray"])  # the cold-start set-up
+    assert few.predict(xray=pair["xray"])["probability"] == pytest.approx(
+        both.predict(xray=pair["xray"])["probability"], abs=1e-5)
     got = pipe.predict(ct=pair["ct"])  # the CT graph is built now, checked against its hash like the first
     assert sorted(pipe.sessions) == ["ct", "xray"]
     assert got["probability"] == pytest.approx(both.predict(ct=pair["ct"])["probability"], abs=1e-6)

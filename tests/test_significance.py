@@ -14,7 +14,14 @@ import pytest
 from conftest import tiny_config
 from respiscan.errors import RespiscanError
 from respiscan.evaluation.stats import CLUSTERED_DELONG, CLUSTERED_MCNEMAR, DELONG
-from respiscan.experiments.significance import CONFIGS, PRIMARY, RUN_COLUMNS, run_significance, summarise_runs
+from respiscan.experiments.significance import (
+    CONFIGS,
+    PRIMARY,
+    RUN_COLUMNS,
+    reanalyse,
+    run_significance,
+    summarise_runs,
+)
 
 MODALITIES = ("xray", "ct")
 
@@ -34,6 +41,15 @@ def test_runs_csv_has_every_run(significance):
     for r in rows:
         assert 0 <= float(r["auc_low"]) <= float(r["auc"]) <= float(r["auc_high"]) <= 1
         assert (out / "runs" / f"{r['config']}-seed{r['seed']}" / "metrics.json").is_file()
+
+
+def test_reanalyse_recomputes_the_summary_from_the_kept_runs(significance, synth_data, tmp_path):
+    summary, out = significance
+    (out / "summary.md").unlink()
+    again = reanalyse(synth_data, out)
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(summary)) and (out / "summary.md").is_file()
+    with pytest.raises(RespiscanError, match="runs.csv"):
+        reanalyse(synth_data, tmp_path)
 
 
 def test_summary_has_tests_with_sentences(significance):

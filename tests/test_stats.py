@@ -344,6 +344,9 @@ def test_paired_runs_with_five_seeds_notes_that_wilcoxon_cannot_reach_the_level(
     assert "smallest two-sided p is 2/2^5 = 0.062" in result["note"] and result["note"] in result["sentence"]
     assert "training randomness" in result["sentence"]
     assert "full is higher in AUC at the 5% level" in result["sentence"]
+    tied = [*TOY["full"][:1], *TOY["task_only"][1:]]  # one seed with no difference: Wilcoxon drops it
+    note = paired_runs_test(TOY["full"], tied, names=("full", "task_only"), metric="AUC")["note"]
+    assert "with 4 runs that differ (of 5) its smallest two-sided p is 2/2^4 = 0.125" in note
 
 
 def test_paired_runs_matches_scipy_with_six_seeds():

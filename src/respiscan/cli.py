@@ -282,12 +282,16 @@ def significance(data: Path = typer.Argument(..., help="Data folder or manifest.
                  out: Path = typer.Option(..., "--out", "-o", help="Folder for runs, tables and summary."),
                  runs: int = typer.Option(5, help="Seeds per configuration (at least 2)."),
                  preset: str = typer.Option("fast", help="Training preset of every run."),
-                 seed: int = typer.Option(0, help="First seed.")) -> None:
+                 seed: int = typer.Option(0, help="First seed."),
+                 reanalyse: bool = typer.Option(False, help="Recompute the tests from the runs already in --out "
+                                                            "(runs.csv, predictions.csv), training nothing.")) -> None:
     """Full model vs task-specific only vs adversarial shared, over seeds: Friedman, paired, DeLong, McNemar (Holm)."""
     from respiscan.experiments.significance import PRIMARY, run_significance
+    from respiscan.experiments.significance import reanalyse as reanalyse_runs
     from respiscan.training.config import preset as make_preset
 
-    summary = run_significance(data, out, runs, make_preset(preset).with_overrides(seed=seed))
+    summary = (reanalyse_runs(data, out) if reanalyse
+               else run_significance(data, out, runs, make_preset(preset).with_overrides(seed=seed)))
     for m, result in summary["paired"][PRIMARY].items():
         typer.echo(f"{m}: {result['sentence']}")
     typer.echo(f"summary: {Path(out) / 'summary.md'}")

@@ -405,7 +405,8 @@ def paired_runs_test(a: list[float], b: list[float], confidence: float = 0.95,
     if nonzero and wilcoxon_min_p(nonzero) < 1 - confidence:
         w_stat, w_p = (float(v) for v in stats.wilcoxon(difference))
     elif nonzero:
-        note = (f"Wilcoxon signed-rank not run: with {nonzero} runs its smallest two-sided p is 2/2^{nonzero} = "
+        runs = f"{nonzero} runs" if nonzero == len(difference) else f"{nonzero} runs that differ (of {len(difference)})"
+        note = (f"Wilcoxon signed-rank not run: with {runs} its smallest two-sided p is 2/2^{nonzero} = "
                 f"{wilcoxon_min_p(nonzero):.3f}, which cannot reach the {_level(confidence)} level.")
     p, method = (t_p, "paired t-test") if t_p is not None else (w_p, "Wilcoxon signed-rank")
     parts = [f"{label} {_format_p(q)}" for label, q in (("paired t-test", t_p), ("Wilcoxon signed-rank", w_p))

@@ -191,7 +191,7 @@ def run_significance(data: str | Path, out: str | Path, runs: int, base_config: 
     seeds = [base_config.seed + i for i in range(runs)]
 
     def run_folder(name: str, seed: int) -> Path:
-        return out / "runs" / f"{name}-seed{seed}"
+        return _run_folder(out, name, seed)
 
     rows: list[dict] = []
     for seed in seeds:
@@ -209,7 +209,36 @@ def run_significance(data: str | Path, out: str | Path, runs: int, base_config: 
                     row.update({column: metrics[key], f"{column}_low": low, f"{column}_high": high})
                 rows.append(row)
     write_rows(out / "runs.csv", rows, RUN_COLUMNS)
-    summary = summarise_runs(data, rows, seeds, run_folder)
+    return _write_summary(out, summarise_runs(data, rows, seeds, run_folder))
+
+
+def reanalyse(data: str | Path, out: str | Path) -> dict:
+    """The summary of the runs an earlier `run_significance` left in OUT, recomputed from its runs.csv and each
+    run's predictions.csv without training anything: a changed or added test runs on the kept predictions."""
+    out = Path(out)
+    try:
+        with open(out / "runs.csv", newline="", encoding="utf-8") as f:
+            rows = [{k: v if k in ("config", "modality") else (int(v) if k == "seed" else
+                                                                (float(v) if v else None)) for k, v in r.items()}
+                    for r in csv.DictReader(f)]
+    except OSError as e:
+        raise RespiscanError(f"{out / 'runs.csv'}: cannot read the runs of an earlier significance run "
+                             f"({e.strerror})") from e
+    if not rows or list(rows[0]) != RUN_COLUMNS:
+        raise RespiscanError(f"{out / 'runs.csv'}: not a runs table of `respiscan significance`")
+    seeds = sorted({r["seed"] for r in rows})
+    missing = [_run_folder(out, name, seeds[0]) for name in CONFIGS
+               if not (_run_folder(out, name, seeds[0]) / "predictions.csv").is_file()]
+    if missing:
+        raise RespiscanError(f"{missing[0]}: no predictions.csv; the test-set tests need it")
+    return _write_summary(out, summarise_runs(data, rows, seeds, lambda name, seed: _run_folder(out, name, seed)))
+
+
+def _run_folder(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name}-seed{seed}"
+
+
+def _write_summary(out: Path, summary: dict) -> dict:
     write_json(out / "summary.json", summary)
     with atomic_write(out / "summary.md", "w", encoding="utf-8") as f:
         f.write(render_markdown(_summary_blocks(summary)))
