@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +191,7 @@ def run_significance(data: str | Path, out: str | Path, runs: int, base_config: 
     out = Path(out)
     seeds = [base_config.seed + i for i in range(runs)]
 
-    def run_folder(name: str, seed: int) -> Path:
-        return _run_folder(out, name, seed)
-
+    run_folder = partial(_run_folder, out)
     rows: list[dict] = []
     for seed in seeds:
         for name, shared in CONFIGS.items():
@@ -226,12 +225,12 @@ def reanalyse(data: str | Path, out: str | Path) -> dict:
                              f"({e.strerror})") from e
     if not rows or list(rows[0]) != RUN_COLUMNS:
         raise RespiscanError(f"{out / 'runs.csv'}: not a runs table of `respiscan significance`")
-    seeds = sorted({r["seed"] for r in rows})
-    missing = [_run_folder(out, name, seeds[0]) for name in CONFIGS
-               if not (_run_folder(out, name, seeds[0]) / "predictions.csv").is_file()]
+    seeds, run_folder = sorted({r["seed"] for r in rows}), partial(_run_folder, out)
+    missing = [run_folder(name, seeds[0]) for name in CONFIGS
+               if not (run_folder(name, seeds[0]) / "predictions.csv").is_file()]
     if missing:
         raise RespiscanError(f"{missing[0]}: no predictions.csv; the test-set tests need it")
-    return _write_summary(out, summarise_runs(data, rows, seeds, lambda name, seed: _run_folder(out, name, seed)))
+    return _write_summary(out, summarise_runs(data, rows, seeds, run_folder))
 
 
 def _run_folder(out: Path, name: str, seed: int) -> Path:

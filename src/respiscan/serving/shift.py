@@ -82,13 +82,13 @@ def _distance(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndar
     return np.sqrt(np.maximum(((centred @ precision) * centred).sum(axis=1, dtype=np.float64), 0.0))
 
 
-_controller = None
+_controller = None  # threadpoolctl.ThreadpoolController, once one is needed
 
 
 def _one_blas_thread():
     """numpy's BLAS (OpenBLAS) on one thread for these small products: its idle threads keep spinning after a
     call and took the cores from the engine's next batch (an ONNX batch of 8 plus its shift score: 97-109 ms
-    with OpenBLAS's 2 threads, 69-71 ms with one, measured on 2 cores). The controller is built on first use."""
+    with OpenBLAS's 2 threads, 73-79 ms under this limit, measured on 2 cores). Built on first use."""
     global _controller
     if _controller is None:
         from threadpoolctl import ThreadpoolController
