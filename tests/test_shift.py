@@ -162,3 +162,27 @@ def test_modified_statistics_are_refused(bundle, tmp_path):
     (copy / OOD_FILE).write_bytes(bytes(data))
     with pytest.raises(RespiscanError, match=f"{OOD_FILE}: does not match the hash"):
         Pipeline(copy)
+
+
+def test_shift_products_run_with_one_blas_thread_and_restore_it(tmp_path, monkeypatch):
+    """OpenBLAS's idle threads spin after a call and slowed the engine's next batch by a third: the score's
+    products run with one BLAS thread, and the process's setting is back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    import respiscan.serving.shift as shift
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    if not blas_threads():
+        pytest.skip("numpy links no BLAS that threadpoolctl can see")
+    rng = np.random.default_rng(1)
+    train, val = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    images = _smooth_images(rng, 200)
+    fitted = fit_ood({"xray": train}, {"xray": val}, {"xray": images}, {"xray": images})
+    ood, _ = build(OodDetector, write_ood(tmp_path, fitted), "ood")
+    seen, distance = [], shift._distance
+    monkeypatch.setattr(shift, "_distance", lambda *a: (seen.append(blas_threads()), distance(*a))[1])
+    before = blas_threads()
+    ShiftScorer(tmp_path, ood).score(val, images, "xray")
+    assert seen == [{1}, {1}] and blas_threads() == before
