@@ -3,14 +3,15 @@
     python benchmarks/benchmark.py [--data ../shared/data/realdev] [--bundle BUNDLE] [--stream-bundle BUNDLE]
                                    [--peers .venv-peers/bin/python] [--quick]
 
-Measures: matmul peak (bf16, fp32); per preset backbone, each raw engine's forward (torch fp32, torch bf16 +
-channels_last where the CPU has bf16, onnxruntime, OpenVINO when installed) and respiscan's embedding including
-decoding + preprocessing on the fastest of them; the reference stack (TF/Keras, benchmarks/peers.py, run in its
-own venv) embedding the same images and fitting the task-specific MLP on the same embeddings; with --bundle, the
-engine choice, prediction latency (warm, and cold as a new process), batch prediction from files against the
-fastest engine's raw rate; with --stream-bundle, the peak RSS of streaming prediction over synthetic manifests
-of 10k and 100k rows. Without the peers it says so and prints no ratio against them. --quick shrinks every
-measurement so the script can be checked in a few minutes; its numbers are not the ones to publish.
+Measures: matmul peak (bf16, fp32); the default preset's backbone training step against that peak; per preset
+backbone, each raw engine's forward (torch fp32, torch bf16 + channels_last where the CPU has bf16, onnxruntime,
+OpenVINO when installed) and respiscan's embedding including decoding + preprocessing on the fastest of them; the
+reference stack (TF/Keras, benchmarks/peers.py, run in its own venv) embedding the same images and fitting the
+task-specific MLP on the same embeddings; with --bundle, the engine choice, prediction latency (warm, and cold as a
+new process), batch prediction from files against the fastest engine's raw rate; with --stream-bundle, the peak RSS
+of streaming prediction over synthetic manifests of 10k and 100k rows. Without the peers it says so and prints no
+ratio against them. --quick shrinks every measurement so the script can be checked in a few minutes; its numbers are
+not the ones to publish.
 """
 
 from __future__ import annotations
@@ -109,6 +110,36 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
 def matmul_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def bench_training(table: Table, peak_gflops: float | None, bf16: bool, repeats: int) -> None:
+    """The default preset's backbone stage, one step (forward, backward, AdamW; batch 32 at 224 px, bf16 autocast +
+    channels_last where the CPU has bf16, as in training): its rate, and its FLOP/s as counted by torch against
+    the bf16 matmul peak measured in this run (the roofline the issue asks for)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    name = PRESETS["fast"].model.task_backbones["xray"]
+    net = EmbeddingNet(name).train()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    images = torch.randint(0, 256, (BATCH, 224, 224), dtype=torch.uint8)
+    targets = torch.randint(0, 2, (BATCH,)).float()
+
+    def step() -> None:
+        with autocast(bf16):
+            logits = net(images)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    seconds = median_seconds(step, repeats, warmup=2)
+    gflops = counter.get_total_flops() / seconds / 1e9
+    share = f", {gflops / peak_gflops:.0%} of the bf16 matmul peak" if peak_gflops and bf16 else ""
+    table.add("train", f"{name} backbone step, batch {BATCH}, 224 px, {'bf16' if bf16 else 'fp32'} (forward + "
+              f"backward + AdamW; {counter.get_total_flops() / BATCH / 1e9:.1f} GFLOP an image)",
+              f"{BATCH / seconds:.1f} img/s = {gflops:.0f} GFLOP/s{share}")
 
 
 def pick(samples: list[Sample], n: int, split: str, modalities: tuple[str, ...] = ("xray", "ct")) -> list[Sample]:
@@ -472,9 +503,12 @@ def main() -> None:
             table.note("reference stack measured in this run: TensorFlow {tensorflow}, Keras {keras}".format(
                 **peers["versions"]))
         # without bf16 units a bf16 matmul is emulated: minutes to learn nothing
+        peak: dict[str, float] = {}
         for dtype, label in ((torch.bfloat16, "bf16"),) * bf16_supported() + ((torch.float32, "fp32"),):
             n = 1024 if args.quick else 4096
-            table.add("matmul", f"{label} {n}x{n} GFLOP/s", f"{matmul_gflops(dtype, n, 2 if args.quick else 5):.0f}")
+            peak[label] = matmul_gflops(dtype, n, 2 if args.quick else 5)
+            table.add("matmul", f"{label} {n}x{n} GFLOP/s", f"{peak[label]:.0f}")
+        bench_training(table, peak.get("bf16"), bf16_supported(), 2 if args.quick else args.repeats)
         bench_read(table, samples, args.quick, work)
         bench_backbones(table, samples, peers, files, args.repeats, args.quick, work)
         if args.bundle:
