@@ -14,7 +14,10 @@ def _probabilities(bundle):
 
 
 def test_two_process_ddp_matches_single_process(synth_data, tmp_path):
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    # fp32 on every machine: bf16 convolutions round differently at the shard's batch size (16 vs 32), and two
+    # epochs of training carry that on (0.14 in probability on an AMX machine, against 1.5e-4 in fp32), which
+    # would hide a DDP mistake
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "RESPISCAN_BF16": "0"}
     single = subprocess.run([sys.executable, "-m", "respiscan", "train", str(synth_data),
                              "--out", str(tmp_path / "one"), *ARGS],
                             env=env, capture_output=True, text=True, timeout=600)
@@ -26,9 +29,9 @@ def test_two_process_ddp_matches_single_process(synth_data, tmp_path):
     one, two = _probabilities(tmp_path / "one"), _probabilities(tmp_path / "two")
     assert one.keys() == two.keys()
     worst = max(abs(one[k] - two[k]) for k in one)
-    # Not bit-identical: bf16 convolutions round differently at the shard's batch size (16 vs 32), and two
-    # epochs of training carry that on. A DDP mistake (unsynchronised ranks, one rank's data only) costs far more.
-    assert worst < 5e-2, f"largest probability difference {worst:.2e}"
+    # not bit-identical (gradients are summed in another order); a DDP mistake (unsynchronised ranks, one rank's
+    # data only) costs far more
+    assert worst < 5e-3, f"largest probability difference {worst:.2e}"
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == \
         sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith("."))
 

@@ -110,6 +110,14 @@ def test_same_seed_same_weights(synth_data, tmp_path):
     assert (a / "logs" / "shared_finetune.csv").is_file()
 
 
+def test_bf16_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("RESPISCAN_BF16", "0")
+    assert not bf16_supported() and not bf16_supported("cpu")
+    monkeypatch.setenv("RESPISCAN_BF16", "")
+    assert bf16_supported() == bool(torch.backends.mkldnn.is_available()
+                                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def test_bf16_is_the_default_only_where_training_measured_it_harmless(bundle, tmp_path):
     """The trainer records how far bf16 moves the validation probabilities; the torch engine follows it."""
     import shutil

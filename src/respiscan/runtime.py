@@ -5,6 +5,7 @@ It sits below `training/` and `serving/`, so that prediction never imports the t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,7 +22,11 @@ BF16_TOLERANCE = 1e-2  # largest |p_bf16 - p_fp32| for which prediction may run 
 
 
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
-    """bf16 autocast pays off where the hardware has bf16 matrix units (AVX512-BF16/AMX on CPU, CUDA)."""
+    """bf16 autocast pays off where the hardware has bf16 matrix units (AVX512-BF16/AMX on CPU, CUDA).
+    RESPISCAN_BF16=0 turns it off for training and the torch engine: fp32 numbers that do not depend on whether
+    a machine has such units (OpenVINO chooses its own precision; `export --choose-engine` checks it)."""
+    if os.environ.get("RESPISCAN_BF16", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
     if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
