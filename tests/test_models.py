@@ -139,12 +139,13 @@ def test_adversarial_stage_logs_losses_and_finetunes_on_covid(tmp_path):
 
 
 def test_shared_kinds_agree_across_layers():
-    """A shared kind needs its module, its training and its name; none may be missing in one layer."""
+    """A shared kind needs its module, its training, its name and its line in the report; none may be missing."""
+    from respiscan.evaluation.report import SHARED_TEXT
     from respiscan.models.mlp import SHARED_MODULES
     from respiscan.models.spec import SHARED_KINDS
     from respiscan.training.shared import SHARED_FITS
 
-    assert set(SHARED_MODULES) == set(SHARED_KINDS)
+    assert set(SHARED_MODULES) == set(SHARED_KINDS) == set(SHARED_TEXT)
     assert set(SHARED_FITS) == {k for k, module in SHARED_MODULES.items() if module is not None}
 
 

@@ -42,6 +42,8 @@ SHARED_TEXT = {
     "plain": "plain: one MLP trained on X-ray and CT embeddings together, on COVID labels",
     "adversarial": "adversarial: a generator trained against a modality discriminator (towards modality-invariant "
                    "features), then frozen and fine-tuned on {finetune} labels",
+    "source_adversarial": "source-adversarial: one MLP on X-ray and CT embeddings, trained on COVID labels while "
+                          "a class-conditional discriminator of the acquisition source is left guessing",
     "none": "none: task-specific features only (ablation without shared features)",
 }
 FINETUNE_TEXT = {"covid": "COVID", "modality": "modality (the reference's choice; it can undo the invariance)"}
