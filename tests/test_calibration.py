@@ -273,3 +273,45 @@ def test_card_takes_crossval_only_from_the_same_settings(bundle, tmp_path):
     other = {**training, "preprocess": {**training["preprocess"], "size": training["preprocess"]["size"] * 2}}
     with pytest.raises(RespiscanError, match=r"other settings than the crossval folds \(preprocess\.size\)"):
         record_crossval(copy, {"by": "source", "folds": [fold], "config": other})
+
+
+def test_cross_fitted_calibration_adds_the_validation_split_scored_by_a_twin(tmp_path):
+    """Backbones that select no epoch on validation (`select="last"`): the validation split, scored by a twin of the
+    MLP stages that selected its epochs on the calibration split, joins the calibration split; the map and the
+    threshold are fitted on both, and turning it off leaves the calibration split alone."""
+    from conftest import tiny_config
+    from respiscan.data.samples import discover
+    from respiscan.data.synth import generate
+    from respiscan.training.trainer import train
+
+    data = generate(tmp_path / "data", n_per_class=48, size=64, seed=3, progress=False)
+    samples = [s for s in discover(data) if s.modality == "ct"]
+    base = tiny_config()
+    cfg = replace(base, calibration_fraction=0.4, backbone_fit=replace(base.backbone_fit, select="last"))
+    crossed = train(data, tmp_path / "crossed", cfg, samples=samples, stages_dir=tmp_path / "stages")
+    alone = train(data, tmp_path / "alone", replace(cfg, calibrate_on="calibration"), samples=samples,
+                  stages_dir=tmp_path / "stages")
+    splits = {r["id"]: r["split"] for r in csv.DictReader(open(crossed / "splits.csv")) if r["modality"] == "ct"}
+    val_rows = {r["id"]: r for r in csv.DictReader(open(crossed / "validation_predictions.csv"))}
+
+    rows = list(csv.DictReader(open(crossed / "calibration_predictions.csv")))
+    assert {(r["split"], r["scored_by"]) for r in rows} == {("calib", "model"), ("val", "cross-fitted twin")}
+    assert sorted(r["id"] for r in rows) == sorted(i for i, sp in splits.items() if sp in ("calib", "val"))
+    twin = np.array([float(r["uncalibrated_probability"]) for r in rows if r["split"] == "val"])
+    model = np.array([float(val_rows[r["id"]]["uncalibrated_probability"]) for r in rows if r["split"] == "val"])
+    assert np.abs(twin - model).max() > 1e-3  # another fit, not the model's own validation scores
+    assert (crossed / "logs" / "cross-fitted" / "head_ct.csv").is_file()
+
+    config = Bundle.open(crossed).config
+    y = np.array([r["label"] == "COVID" for r in rows], dtype=float)
+    raw = np.array([float(r["uncalibrated_probability"]) for r in rows])
+    refit = fit_calibration(y, raw, "platt", fitted_on="")
+    fitted = config.calibration_of("ct")
+    assert (fitted.slope, fitted.intercept) == pytest.approx((refit.slope, refit.intercept), rel=1e-6)
+    assert fitted.n == len(rows) and "twin" in fitted.fitted_on
+    assert config.operating_points["ct"].n == len(rows)
+    assert "Cross-fitted" in (crossed / CARD_FILE).read_text()
+
+    alone_rows = list(csv.DictReader(open(alone / "calibration_predictions.csv")))
+    assert {r["split"] for r in alone_rows} == {"calib"}
+    assert Bundle.open(alone).config.calibration_of("ct").n == len(alone_rows) < len(rows)

@@ -197,3 +197,9 @@ def test_demo_runs_end_to_end_and_keeps_the_whole_backbone_schedule(tmp_path, ca
         log = list(csv.DictReader(open(result["bundle"] / "logs" / f"embedding_task_{m}.csv")))
         assert len(log) == epochs
     assert set(result["evaluation"]["modalities"]) == {"xray", "ct"}
+
+
+def test_train_refuses_an_unknown_calibration_source(synth_data, tmp_path, capsys, monkeypatch):
+    code, _, err = run(["train", synth_data, "--out", tmp_path / "b", "--calibrate-on", "test"], capsys, monkeypatch)
+    assert code == 2 and "unknown calibrate_on 'test'; accepted: cross-fitted, calibration" in err
+    assert not (tmp_path / "b").exists()

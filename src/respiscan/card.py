@@ -82,6 +82,10 @@ def _validation(config: BundleConfig) -> list[str]:
         lines.append(f"Calibration split: {training.get('calibration_fraction')} of the rest of train, carved the "
                      "same way; no stage fitted or early-stopped on it. It fitted the calibration and chose the "
                      "operating thresholds.")
+        if any("twin" in config.calibration_of(m).fitted_on for m in config.model.modalities):
+            lines.append("Cross-fitted: the validation split joined it, scored by a twin of the MLP stages that "
+                         "chose its epochs on the calibration split (the backbones chose no epoch on validation), "
+                         "so no image was scored by a model that selected anything on it.")
     else:
         lines.append("No calibration split: the bundle predates calibration; its thresholds were chosen on the "
                      "validation split, which also chose the epochs.")

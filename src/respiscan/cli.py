@@ -88,14 +88,18 @@ def train(data: list[Path] = typer.Argument(..., help="Data folder(s) (reference
           crossfit: Optional[float] = typer.Option(None, help=CROSSFIT_HELP),
           operating_point: str = typer.Option("sensitivity=0.90", help="Threshold rule, chosen on the calibration "
                                               "split: youden, sensitivity=T or specificity=T (default: screening, "
-                                              "sensitivity 0.90).")) -> None:
+                                              "sensitivity 0.90)."),
+          calibrate_on: str = typer.Option("cross-fitted", help="Images that fit the calibration and choose the "
+                                           "thresholds: cross-fitted (the calibration split, plus the validation "
+                                           "split scored by MLP stages that chose their epochs on the calibration "
+                                           "split) or calibration (that split alone).")) -> None:
     """Train every stage and write a self-contained bundle."""
     from respiscan.training.config import preset as make_preset
     from respiscan.training.trainer import train as run_train
 
     cfg = make_preset(preset).with_overrides(seed=seed, shared=shared, backbone=backbone, image_size=image_size,
                                              epochs=epochs, pretrained=str(weights) if weights else pretrained,
-                                             operating_point=operating_point)
+                                             operating_point=operating_point, calibrate_on=calibrate_on)
     cfg = cfg.with_site_methods(crop=crop, augment=augment, balance=balance, crossfit=crossfit)
     bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
     typer.echo(f"bundle written to {bundle}")

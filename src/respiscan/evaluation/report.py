@@ -180,8 +180,10 @@ def _trust(kinds: dict[str, dict], config: BundleConfig) -> list[Block]:
     blocks: list[Block] = [
         ("h2", "Calibration and operating points"),
         ("p", "Calibration maps the network's probabilities so that, among cases given p, a share p has COVID; it "
-              "was fitted on the bundle's calibration split, which no stage trained or early-stopped on, and it "
-              "keeps every ranking (ROC AUC) unchanged. Each cell: uncalibrated -> calibrated, on the test split. "
+              "was fitted on images that chose nothing in the model that scored them (the bundle's calibration split; "
+              "by default also its validation split, scored by a twin of the MLP stages that chose their epochs on "
+              "the calibration split; the model card says which), and it keeps every ranking (ROC AUC) unchanged. "
+              "Each cell: uncalibrated -> calibrated, on the test split. "
               "ECE has a floor on a test split this size: the last column is the ECE a perfectly calibrated model "
               "with the calibrated probabilities would show on these images (mean, 95th percentile; consistency "
               "resampling), and the p-value of the calibrated ECE against it (small: miscalibrated)."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,6 +46,17 @@ class MMTLNet(nn.Module):
         self.shared = shared() if shared is not None else None
         head_in = FEATURE_DIM if self.shared is None else 2 * FEATURE_DIM
         self.heads = nn.ModuleDict({m: Head(head_in) for m in spec.modalities})
+
+    def mlp_twin(self, seed: int) -> "MMTLNet":
+        """A copy with the same embedding models and freshly initialised MLPs (task-specific, shared, heads):
+        cross-fitting trains those again, selected on other images, to score the images this one selected on."""
+        twin = copy.deepcopy(self)
+        torch.manual_seed(seed)
+        for part in (twin.task, twin.shared, twin.heads):
+            for layer in part.modules() if part is not None else ():
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
+        return twin
 
     def task_embedder(self, modality: str) -> EmbeddingNet:
         return self.embedders[f"task_{modality}"]

@@ -20,6 +20,10 @@ FinetuneTarget = Literal["covid", "modality"]
 # intensity profile, resolution and noise (training/stages.py)
 Augment = Literal["none", "affine", "scanner"]
 Balance = Literal["none", "source_class"]
+# "cross-fitted": the calibration split scored by the model plus the validation split scored by a twin of its MLP
+# stages that selected epochs on the calibration split (trainer.cross_fitted_validation); "calibration": the
+# calibration split alone
+CalibrateOn = Literal["cross-fitted", "calibration"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class TrainConfig(Record):
     # share of train (after validation, whole groups) kept from every stage to calibrate and choose thresholds on
     calibration_fraction: float = 0.15
     calibration: CalibrationMethod = "platt"
+    calibrate_on: CalibrateOn = "cross-fitted"
     # screening: a missed COVID case costs more than a false alarm, and a sensitivity target is stable on a
     # small calibration split where Youden's argmax jumps (README, "Can I trust this prediction?")
     operating_point: str = "sensitivity=0.90"
@@ -87,11 +92,15 @@ class TrainConfig(Record):
         if self.calibration not in get_args(CalibrationMethod):
             raise RespiscanError(f"unknown calibration {self.calibration!r}; accepted: "
                                  f"{', '.join(get_args(CalibrationMethod))}")
+        if self.calibrate_on not in get_args(CalibrateOn):
+            raise RespiscanError(f"unknown calibrate_on {self.calibrate_on!r}; accepted: "
+                                 f"{', '.join(get_args(CalibrateOn))}")
         OperatingPoint.parse(self.operating_point)
 
     def with_overrides(self, *, seed: int | None = None, shared: SharedKind | None = None,
                        backbone: str | None = None, image_size: int | None = None, epochs: int | None = None,
-                       pretrained: bool | str | None = None, operating_point: str | None = None) -> "TrainConfig":
+                       pretrained: bool | str | None = None, operating_point: str | None = None,
+                       calibrate_on: CalibrateOn | None = None) -> "TrainConfig":
         """A copy with the command line's overrides (None keeps a setting); `backbone` replaces every embedding
         model, task-specific and shared, by one backbone per modality."""
         cfg = self
@@ -110,6 +119,8 @@ class TrainConfig(Record):
             cfg = replace(cfg, pretrained=pretrained)
         if operating_point is not None:
             cfg = replace(cfg, operating_point=str(OperatingPoint.parse(operating_point)))
+        if calibrate_on is not None:
+            cfg = replace(cfg, calibrate_on=calibrate_on)
         return cfg
 
     def with_site_methods(self, *, crop: str | None = None, augment: str | None = None, balance: str | None = None,

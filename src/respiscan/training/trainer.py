@@ -286,74 +286,120 @@ def _both_classes(labels: np.ndarray) -> bool:
     return 0 < labels.sum() < len(labels)
 
 
-def choose_thresholds(net: MMTLNet, cfg: TrainConfig, data: FitData, head_x: dict,
-                      device: torch.device) -> Validation:
+def _swap_validation_and_calibration(data: FitData, emb: dict) -> tuple[FitData, dict]:
+    """The same data with the validation and calibration splits' roles exchanged."""
+    def swap(sp: str) -> str:
+        return {"val": CALIBRATION, CALIBRATION: "val"}.get(sp, sp)
+
+    return (replace(data, images={(m, swap(sp)): v for (m, sp), v in data.images.items()},
+                    rows={(m, swap(sp)): v for (m, sp), v in data.rows.items()}),
+            {(k, swap(sp)): v for (k, sp), v in emb.items()})
+
+
+def cross_fitted_validation(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store: StageStore,
+                            keys: dict[str, str], logs: Path, device: torch.device) -> dict[str, np.ndarray]:
+    """Per modality, the validation split's uncalibrated probabilities from a twin of the MLP stages that
+    selected its epochs on the calibration split instead: images no stage of their scorer chose anything on, so
+    calibration and thresholds rest on both splits (the calibration split alone held 72 realdev CT slices).
+    Empty when that does not hold: the backbones selected epochs on validation (`select="best"`), or a
+    modality's calibration split lacks MIN_CALIBRATION_CASES of a class to select epochs on."""
+    if cfg.calibrate_on != "cross-fitted" or (cfg.pretrained is False and cfg.backbone_fit.select != "last"):
+        return {}
+    for m in cfg.model.modalities:
+        y = data.labels(m, CALIBRATION).numpy() if (m, CALIBRATION) in data.images else np.zeros(0)
+        if min(y.sum(), len(y) - y.sum()) < MIN_CALIBRATION_CASES:
+            return {}
+    twin = net.mlp_twin(cfg.seed).to(device)
+    swapped, swapped_emb = _swap_validation_and_calibration(data, emb)
+    twin_keys = {k: v if k in net.embedders else store.key(f"{k}_twin", v) for k, v in keys.items()}
+    twin_logs = logs / "cross-fitted"
+    train_task_mlps(twin, cfg, swapped, swapped_emb, store, twin_keys, twin_logs)
+    train_shared(twin, cfg, swapped, swapped_emb, store, twin_keys, twin_logs)
+    head_x = train_heads(twin, cfg, swapped, swapped_emb, store, twin_keys, twin_logs, device)
+    return {m: expit(predict_logits(twin.heads[m], head_x[m, CALIBRATION], device=device).astype(np.float64))
+            for m in cfg.model.modalities}
+
+
+def choose_thresholds(net: MMTLNet, cfg: TrainConfig, data: FitData, head_x: dict, device: torch.device,
+                      twin_val: dict[str, np.ndarray] | None = None) -> Validation:
     """Per modality, a calibration map and the operating threshold (`cfg.operating_point`, with its bootstrap CI)
-    on the calibration split, which no stage fitted or early-stopped on; then the fused probability's threshold,
-    the same way, on the split's X-ray/CT pairs. Where the calibration split lacks a class, the probabilities
-    stay uncalibrated and the threshold comes from the validation split, and the bundle says so."""
+    on the calibration split, which no stage fitted or early-stopped on, joined by the validation split where
+    `twin_val` scores it (cross_fitted_validation); then the fused probability's threshold, the same way, on
+    those images' X-ray/CT pairs. Where the calibration split lacks a class, the probabilities stay uncalibrated
+    and the threshold comes from the validation split, and the bundle says so."""
     point = OperatingPoint.parse(cfg.operating_point)
+    twin_val = twin_val or {}
     thresholds, metrics, rows, cal_rows = {}, {}, [], []
     calibration: dict[str, Calibration] = {}
     points: dict[str, dict] = {}
-    calibrated: dict[str, dict[str, float]] = {}  # sample id -> calibrated p on the calibration split
+    calibrated: dict[str, dict[str, float]] = {}  # sample id -> calibrated p on the images calibrated on
+    pooled_rows: dict[str, list[Sample]] = {}
     for m in cfg.model.modalities:
         raw = {sp: expit(predict_logits(net.heads[m], head_x[m, sp], device=device).astype(np.float64))
                for sp in ("val", CALIBRATION) if (m, sp) in head_x}
-        y_cal = data.labels(m, CALIBRATION).numpy() if CALIBRATION in raw else np.zeros(0)
+        pool = [(s, q, CALIBRATION, "model") for s, q in zip(data.rows.get((m, CALIBRATION), []),
+                                                             raw.get(CALIBRATION, []))]
+        if m in twin_val:
+            pool += [(s, q, "val", "cross-fitted twin") for s, q in zip(data.rows[m, "val"], twin_val[m])]
+        y_cal = np.array([s.label for s, *_ in pool], dtype=np.float64)
+        raw_cal = np.array([q for _, q, *_ in pool])
         if _both_classes(y_cal):
             described = f"{len(y_cal)} {m} images ({int(y_cal.sum())} COVID)"
+            fitted_on = (f"calibration split scored by the model + validation split scored by a twin of its MLP "
+                         f"stages that selected epochs on the calibration split: {described}" if m in twin_val else
+                         f"calibration split: {described}, carved from train by group; no stage fitted or "
+                         "stopped on it")
             if min(y_cal.sum(), len(y_cal) - y_cal.sum()) >= MIN_CALIBRATION_CASES:
-                calibration[m] = fit_calibration(y_cal, raw[CALIBRATION], cfg.calibration, fitted_on=(
-                    f"calibration split: {described}, carved from train by group; no stage fitted or stopped on it"))
+                calibration[m] = fit_calibration(y_cal, raw_cal, cfg.calibration, fitted_on=fitted_on)
             else:  # a map fitted on a handful of cases follows their noise (a slope of 3e5 on 2 images)
-                calibration[m] = Calibration("identity", fitted_on=f"not calibrated: the calibration split has "
+                calibration[m] = Calibration("identity", fitted_on=f"not calibrated: the calibration images are "
                                                                     f"{described}, fewer than {MIN_CALIBRATION_CASES} "
                                                                     "of a class")
-            split, where = CALIBRATION, f"calibration split, {described}"
+            chosen_rows, y, where = [s for s, *_ in pool], y_cal, fitted_on
+            p_chosen = p_cal = calibration[m].apply(raw_cal)
         else:
             calibration[m] = Calibration("identity", fitted_on="not calibrated: the calibration split has no "
                                                                 f"{m} images of both classes")
-            split, where = "val", ("validation split (the calibration split lacked a class; validation also "
-                                   "chose the epochs)")
-        p = {sp: calibration[m].apply(q) for sp, q in raw.items()}
-        y = data.labels(m, split).numpy()
+            chosen_rows, where = data.rows[m, "val"], ("validation split (the calibration split lacked a class; "
+                                                       "validation also chose the epochs)")
+            y, p_chosen, p_cal = data.labels(m, "val").numpy(), raw["val"], raw_cal
         if _both_classes(y):
-            chosen = operating_threshold(y, p[split], point, groups=[s.group or s.id for s in data.rows[m, split]],
+            chosen = operating_threshold(y, p_chosen, point, groups=[s.group or s.id for s in chosen_rows],
                                          seed=cfg.seed)
             thresholds[m], points[m] = chosen.threshold, _operating_point(chosen, where)
         else:
             thresholds[m] = 0.5  # one class only: nothing to choose a threshold on
-        y_val = data.labels(m, "val").numpy()
-        metrics[m] = binary_metrics(y_val, p["val"], thresholds[m])
-        for sp, target in (("val", rows), (CALIBRATION, cal_rows)):
-            target += [{"id": s.id, "modality": m, "label": CLASS_NAMES[s.label], "probability": float(q),
-                        "uncalibrated_probability": float(r)}
-                       for s, q, r in zip(data.rows.get((m, sp), []), p.get(sp, []), raw.get(sp, []))]
-        if split == CALIBRATION:
-            calibrated[m] = {s.id: float(q) for s, q in zip(data.rows[m, CALIBRATION], p[CALIBRATION])}
+        p_val = calibration[m].apply(raw["val"])
+        metrics[m] = binary_metrics(data.labels(m, "val").numpy(), p_val, thresholds[m])
+        rows += [{"id": s.id, "modality": m, "label": CLASS_NAMES[s.label], "probability": float(q),
+                  "uncalibrated_probability": float(r)} for s, q, r in zip(data.rows[m, "val"], p_val, raw["val"])]
+        cal_rows += [{"id": s.id, "modality": m, "label": CLASS_NAMES[s.label], "split": sp, "scored_by": by,
+                      "probability": float(q), "uncalibrated_probability": float(r)}
+                     for (s, r, sp, by), q in zip(pool, p_cal)]
+        if _both_classes(y_cal):
+            calibrated[m] = {s.id: float(q) for s, q in zip(chosen_rows, p_chosen)}
+            pooled_rows[m] = chosen_rows
     if len(cfg.model.modalities) > 1:
-        thresholds["fused"], fused = _fused_threshold(data, calibrated, thresholds, point, cfg.seed)
+        thresholds["fused"], fused = _fused_threshold(pooled_rows, calibrated, thresholds, point, cfg.seed)
         if fused:
             points["fused"] = fused
     return Validation(thresholds, metrics, rows, calibration, points, cal_rows)
 
 
-def _fused_threshold(data: FitData, calibrated: dict[str, dict[str, float]], thresholds: dict[str, float],
-                     point: OperatingPoint, seed: int) -> tuple[float, dict | None]:
-    """The fused probability's threshold, chosen like the modalities' on the calibration split's X-ray/CT pairs of
+def _fused_threshold(pooled_rows: dict[str, list[Sample]], calibrated: dict[str, dict[str, float]],
+                     thresholds: dict[str, float], point: OperatingPoint, seed: int) -> tuple[float, dict | None]:
+    """The fused probability's threshold, chosen like the modalities' on the calibrated images' X-ray/CT pairs of
     one patient (a shared group id). Without such pairs of both classes: the mean of the per-modality thresholds,
     the fused value of a case at both modalities' operating points (images of different patients paired by label
     would say nothing about fusion; evaluate does not pair them either)."""
-    pairs, _ = pair_cases(*(data.rows.get((m, CALIBRATION), []) if m in calibrated else [] for m in MODALITIES),
-                          seed=seed)
+    pairs, _ = pair_cases(*(pooled_rows.get(m, []) for m in MODALITIES), seed=seed)
     pairs = [(x, c) for x, c in pairs if x.group and x.group == c.group]
     y = np.array([x.label for x, _ in pairs])
     if not _both_classes(y):
         return float(np.mean([thresholds[m] for m in MODALITIES])), None
     fused = np.array([(calibrated["xray"][x.id] + calibrated["ct"][c.id]) / 2 for x, c in pairs])
     chosen = operating_threshold(y, fused, point, groups=[x.group for x, _ in pairs], seed=seed)
-    return chosen.threshold, _operating_point(chosen, f"calibration split, X-ray/CT pairs of one patient: "
+    return chosen.threshold, _operating_point(chosen, f"calibrated images, X-ray/CT pairs of one patient: "
                                                       f"{len(pairs)} pairs ({int(y.sum())} COVID), mean of "
                                                       "calibrated probabilities")
 
@@ -408,7 +454,7 @@ def write_bundle(out: Path, net: MMTLNet, cfg: TrainConfig, data_path: DataPaths
                                       "thresholds": validation.thresholds})
     write_rows(out / "validation_predictions.csv", validation.rows)
     write_rows(out / "calibration_predictions.csv", validation.calibration_rows,
-               ["id", "modality", "label", "probability", "uncalibrated_probability"])
+               ["id", "modality", "label", "split", "scored_by", "probability", "uncalibrated_probability"])
     write_manifest(data.samples, out / SPLITS_FILE)
     write_card(Bundle.open(out))
     return out
@@ -443,7 +489,8 @@ def train(data: DataPaths, out: str | Path, config: TrainConfig | None = None, *
     train_task_mlps(net, cfg, fit_data, emb, store, keys, logs)
     train_shared(net, cfg, fit_data, emb, store, keys, logs)
     head_x = train_heads(net, cfg, fit_data, emb, store, keys, logs, torch_device)
-    validation = choose_thresholds(net, cfg, fit_data, head_x, torch_device)
+    twin_val = cross_fitted_validation(net, cfg, fit_data, emb, store, keys, logs, torch_device)
+    validation = choose_thresholds(net, cfg, fit_data, head_x, torch_device, twin_val)
     ood = fit_shift_detector(cfg, fit_data, emb)
     if not distributed.is_main():
         return out
