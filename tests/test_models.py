@@ -155,3 +155,19 @@ def test_adversarial_bundle_ships_no_discriminator():
 
     net = MMTLNet(ModelSpec(task_backbones={"xray": "test_resnet", "ct": "test_resnet"}, shared="adversarial"))
     assert not [k for k in net.state_dict() if "discriminator" in k]
+
+
+def test_mlp_twin_keeps_the_backbones_and_starts_every_mlp_afresh():
+    """Cross-fitting's twin must not start from the MLP weights that validation chose (that would leak the choice
+    into the scores it gives validation), and must embed exactly as the model does."""
+    net = MMTLNet(ModelSpec(task_backbones={"xray": "test_resnet", "ct": "test_resnet"}, shared="plain"))
+    for p in [*net.task.parameters(), *net.shared.parameters(), *net.heads.parameters()]:
+        nn.init.constant_(p, 0.5)  # stands in for trained weights
+    twin, again = net.mlp_twin(seed=3), net.mlp_twin(seed=3)
+    mine, theirs = net.state_dict(), twin.state_dict()
+    for name, value in mine.items():
+        if name.startswith("embedders."):
+            assert torch.equal(value, theirs[name]) and value.data_ptr() != theirs[name].data_ptr()
+        elif value.is_floating_point() and "running_" not in name:
+            assert not torch.equal(value, theirs[name]), name
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in theirs.items())  # seeded: the same twin
