@@ -101,3 +101,17 @@ def test_only_patients_pair():
     ct = [_sample("c1", "ct", "p1"), _sample("c2", "ct", "q2", 0), _sample("c3", "ct", None)]
     assert [(x.id, c.id) for x, c in patient_pairs(xray, ct)] == [("x1", "c1")]
     assert patient_pairs(xray[1:], ct[1:]) == []  # no shared id: no pairs, however the labels match
+
+
+def test_ece_gets_no_bootstrap_interval_because_resampling_inflates_it():
+    # Labels drawn from the predicted probabilities: a calibrated model. Its resamples' ECEs lie above the
+    # estimate nearly always, so any bootstrap interval would sit beside the estimate, not around it.
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.02, 0.98, 200)
+    y = (rng.random(200) < p).astype(int)
+    ci = bootstrap_ci(y, p, n_resamples=500)
+    assert ci.intervals["ece"] is None and ci.methods["ece"] is None
+    assert ci.intervals["brier"] is not None
+    point = binary_metrics(y, p)["ece"]
+    resampled = [binary_metrics(y[i], p[i])["ece"] for i in rng.integers(0, 200, (200, 200))]
+    assert np.mean(np.array(resampled) > point) > 0.8
