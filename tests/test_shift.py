@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
+from conftest import REALDEV
 from foreign import foreign_images
 from respiscan.bundle import OOD_FILE, Bundle, OodDetector
 from respiscan.cli import main
@@ -82,6 +83,9 @@ def test_training_records_the_detector(bundle):
     for m in ("xray", "ct"):
         limit = ood.modalities[m]
         assert limit.threshold > 0 and limit.n_train > limit.n_val >= 1
+        scores = np.array(limit.val_scores)  # the reference for whole sets
+        assert len(scores) == limit.n_val and np.all(np.diff(scores) >= 0)
+        assert np.mean(scores > 1) == pytest.approx(limit.val_flagged)
 
 
 @pytest.mark.parametrize("modality", ["xray", "ct"])
@@ -186,3 +190,111 @@ def test_shift_products_run_with_one_blas_thread_and_restore_it(tmp_path, monkey
     before = blas_threads()
     ShiftScorer(tmp_path, ood).score(val, images, "xray")
     assert seen == [{1}, {1}] and blas_threads() == before
+
+
+def test_set_shift_is_the_mann_whitney_auc_with_delong_interval_streamed():
+    from sklearn.metrics import roc_auc_score
+
+    from respiscan.serving.shift import SetShiftTest
+
+    rng = np.random.default_rng(4)
+    reference, batch = np.round(rng.gamma(4, 0.2, 150), 2), np.round(rng.gamma(4, 0.2, 400) + 0.4, 2)  # ties
+    test = SetShiftTest(reference[::-1])  # any order
+    for part in np.array_split(batch, 9):
+        test.add(part)
+    result = test.result()
+    assert result.auc == pytest.approx(roc_auc_score(np.r_[np.ones(400), np.zeros(150)], np.r_[batch, reference]))
+    wins = (batch[:, None] > reference) + 0.5 * (batch[:, None] == reference)
+    se = np.sqrt(wins.mean(1).var(ddof=1) / 400 + wins.mean(0).var(ddof=1) / 150)
+    assert result.ci == pytest.approx((result.auc - 1.96 * se, result.auc + 1.96 * se), abs=1e-4)
+    assert result.shifted and result.n == 400
+
+
+def test_set_shift_false_alarms_and_power():
+    from respiscan.serving.shift import SetShiftTest
+
+    rng = np.random.default_rng(5)
+
+    def shifted(offset: float) -> float:
+        verdicts = []
+        for _ in range(300):
+            test = SetShiftTest(rng.normal(size=200))  # a new validation split each time
+            test.add(rng.normal(size=150) + offset)
+            verdicts.append(test.result().shifted)
+        return float(np.mean(verdicts))
+
+    assert shifted(0.0) <= 0.04  # like validation: a one-sided 2.5 % test
+    assert shifted(-0.5) == 0.0  # closer to the training images than validation is no warning
+    assert shifted(0.6) >= 0.9  # a medium effect (AUC 0.66) is caught in 150 images
+
+
+def test_predict_and_evaluate_compare_whole_sets_with_validation(bundle, synth_data, tmp_path, capsys, monkeypatch):
+    import cv2
+    from sklearn.metrics import roc_auc_score
+
+    from respiscan.evaluation.evaluate import evaluate
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(foreign_images(6, seed=7)["photograph"]):
+        cv2.imwrite(str(photos / f"photo{i}.png"), image)
+    monkeypatch.setattr(sys, "argv", ["respiscan", "predict", str(bundle), "--data", str(photos), "--modality",
+                                      "xray", "--out", str(tmp_path / "p.csv"), "--engine", "torch"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code in (0, None)
+    lines = [line for line in err.splitlines() if "as a set" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: xray in ") and "shift AUC 1.000" in lines[0], err
+
+    results = evaluate(bundle, synth_data, tmp_path / "eval", figures=False, engine="torch")
+    ood = Bundle.open(bundle).config.ood
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for m in ("xray", "ct"):
+        scores = [float(r["ood_score"]) for r in rows if r["modality"] == m]
+        reference = ood.modalities[m].val_scores
+        shift = results["modalities"][m]["set_shift"]
+        expected = roc_auc_score([1] * len(scores) + [0] * len(reference), scores + reference)
+        assert shift["n"] == len(scores) and shift["auc"] == pytest.approx(expected, abs=1e-6)
+        assert shift["ci"][0] <= shift["auc"] <= shift["ci"][1]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "Unlike the training images as a set" in report
+    card = Bundle.open(bundle).config.model_card
+    recorded = {r.kind: r for r in card.results if r.method == "evaluate" and r.data == results["data"]}
+    for m in ("xray", "ct"):
+        assert recorded[m].set_shift_auc == pytest.approx(results["modalities"][m]["set_shift"]["auc"])
+    assert "Shift AUC as a set" in (bundle / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.skipif(not (REALDEV / "manifest.csv").is_file() or not (REALDEV.parent / "sites" / "mosmed_ct").is_dir(),
+                    reason="../shared/data/realdev or sites absent")
+def test_real_mosmed_slices_pass_one_by_one_but_not_as_a_set(tmp_path):
+    """The detector fitted on real UCSD CT slices (a network-free 12 x 12 thumbnail as the embedding, so that
+    the test needs no training) flags few MosMed slices one by one, yet MosMed as a set is unlike them, and
+    UCSD's own test split is not."""
+    import cv2
+
+    from respiscan.data.preprocess import PreprocessConfig
+    from respiscan.data.samples import carve_validation
+    from respiscan.serving.shift import set_shift
+
+    rng = np.random.default_rng(0)
+    ct = [s for s in carve_validation(discover(REALDEV), 0.3, seed=0) if s.modality == "ct"]
+    train = [s for s in ct if s.split == "train"]
+    mosmed = [s for s in discover(REALDEV.parent / "sites" / "mosmed_ct") if s.split == "test"]
+    sets = {"train": [train[i] for i in sorted(rng.choice(len(train), 250, replace=False))],
+            "val": [s for s in ct if s.split == "val"], "test": [s for s in ct if s.split == "test"],
+            "mosmed": [mosmed[i] for i in sorted(rng.choice(len(mosmed), 100, replace=False))]}
+    images = {k: load_dataset_images(v, PreprocessConfig(size=64, crop="ct_body"), desc=k)[0]
+              for k, v in sets.items()}
+    embed = {k: np.stack([cv2.resize(i, (12, 12), interpolation=cv2.INTER_AREA).ravel() / 255.0 for i in v])
+             for k, v in images.items()}
+    fitted = fit_ood({"ct": embed["train"]}, {"ct": embed["val"]}, {"ct": images["train"]}, {"ct": images["val"]})
+    ood, _ = build(OodDetector, write_ood(tmp_path, fitted), "ood")
+    scorer = ShiftScorer(tmp_path, ood)
+    scores = {k: scorer.score(embed[k], images[k], "ct") for k in ("test", "mosmed")}
+    assert (~scores["mosmed"].in_distribution).mean() <= 0.1  # one by one, MosMed mostly passes
+    own, other = (set_shift(ood, "ct", scores[k].score) for k in ("test", "mosmed"))
+    assert not own.shifted and own.ci[0] < 0.5 < own.ci[1]
+    assert other.shifted and other.auc > own.auc + 0.1

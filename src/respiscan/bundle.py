@@ -117,6 +117,9 @@ class OodThreshold:
     n_val: int  # held-out images the thresholds come from (validation, and calibration where there is one)
     val_flagged: float  # share of the validation images flagged (the false-alarm rate measured)
     image_threshold: float | None = None  # on the image statistics' distance; None: bundles from before it
+    # The validation images' scores (distance over threshold), ascending: the reference a whole set of new
+    # images is compared with (serving/shift.py `SetShiftTest`). None: bundles from before it.
+    val_scores: list[float] | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,9 @@ class CardResult:
     threshold: float | None
     ece: float | None
     date: str
+    # the test images as a set against the validation images (serving/shift.py SetShift); None: not measured
+    set_shift_auc: float | None = field(default=None, metadata={"omit_none": True})
+    set_shifted: bool | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,8 @@ def evaluation_result(config: BundleConfig, kind: str, source: str, metrics: dic
     return CardResult(setting_of(config, kind, source), source, kind, "evaluate", data, metrics["n"],
                       metrics["n_positive"], metrics["roc_auc"], _interval(ci.get("roc_auc")), metrics["sensitivity"],
                       _interval(ci.get("sensitivity")), metrics["specificity"], _interval(ci.get("specificity")),
-                      metrics["threshold"], metrics["ece"], _today())
+                      metrics["threshold"], metrics["ece"], _today(),
+                      *((shift["auc"], shift["shifted"]) if (shift := metrics.get("set_shift")) else ()))
 
 
 def crossval_results(result: dict[str, Any]) -> list[CardResult]:
@@ -257,13 +258,15 @@ def _interval(ci) -> list[float] | None:
 
 def _results_table(results: list[CardResult]) -> list[str]:
     lines = ["| Prediction | Source | Data | n (COVID) | ROC AUC (95 % CI) | Sensitivity (CI) | Specificity (CI) | "
-             "Threshold | ECE | Measured |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Threshold | ECE | Shift AUC as a set | Measured |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cases = f"{r.n}" + ("" if r.n_positive is None else f" ({r.n_positive})")
         threshold = "n/a" if r.threshold is None else f"{r.threshold:.3f}"
+        shift = _num(r.set_shift_auc) + (" (shifted)" if r.set_shifted else "")
         lines.append(f"| {KIND_NAMES.get(r.kind, r.kind)} | {r.source} | {r.data} | {cases} | "
                      f"{_with_ci(r.roc_auc, r.roc_auc_ci)} | {_with_ci(r.sensitivity, r.sensitivity_ci)} | "
-                     f"{_with_ci(r.specificity, r.specificity_ci)} | {threshold} | {_num(r.ece)} | {r.date} |")
+                     f"{_with_ci(r.specificity, r.specificity_ci)} | {threshold} | {_num(r.ece)} | {shift} | "
+                     f"{r.date} |")
     return lines
 
 

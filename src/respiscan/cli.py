@@ -174,6 +174,8 @@ def predict(bundle: Path = typer.Argument(..., help="Bundle folder."),
     if result.flagged:
         typer.echo(f"warning: {result.flagged} image(s) are unlike the bundle's training images "
                    f"(in_distribution false in {target}): do not trust their predictions", err=True)
+    for m, shift in result.set_shift.items():
+        typer.echo(("warning: " if shift.shifted else "") + shift.sentence(f"{m} in {target}"), err=True)
     if result.total and as_json:
         import csv
 
@@ -200,6 +202,8 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
     for name, m in [*results["modalities"].items(), *([("fused", results["fused"])] if "fused" in results else [])]:
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
         flagged = f" shift-flagged={m['shift_flagged']:.3f}" if m.get("shift_flagged") is not None else ""
+        if shift := m.get("set_shift"):
+            flagged += f" set-shift-AUC={shift['auc']:.3f}" + (" (shifted)" if shift["shifted"] else "")
         typer.echo(f"{name:5s} n={m['n']:4d} AUC={auc} acc={m['accuracy']:.3f} sens={_fmt(m['sensitivity'])} "
                    f"spec={_fmt(m['specificity'])} F1={_fmt(m['f1'])}{flagged}")
         cal = m["calibration"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from respiscan.bundle import LOGS, Bundle, BundleConfig
+from respiscan.bundle import LOGS, Bundle, BundleConfig, OodDetector
 from respiscan.calibration import OperatingPoint
 from respiscan.card import evaluation_result, write_card
 from respiscan.data.audit import class_balance, shortcut_baselines, shortcut_warnings, source_of
@@ -26,6 +26,7 @@ from respiscan.metrics import N_RESAMPLES, at_prevalence, binary_metrics, bootst
 from respiscan.serving import Engine
 from respiscan.serving import load as load_pipeline
 from respiscan.serving.pipeline import BasePipeline, fuse
+from respiscan.serving.shift import set_shift
 from respiscan.utils import write_json, write_rows
 
 CONFIDENCE = 0.95
@@ -53,18 +54,23 @@ def _kind_metrics(cases: Cases, threshold: float, n_resamples: int, seed: int) -
     return result
 
 
-def _add_shift_flagged(metrics: dict[str, dict], scored: list[Sample], in_distribution: dict[str, bool | None]) -> None:
+def _add_shift(metrics: dict[str, dict], scored: list[Sample], rows: list[dict], detector: OodDetector | None) -> None:
     """Beside each modality's and source's metrics, the share of its images the shift detector flags as unlike
-    the training images (`shift_flagged`; absent without a detector): where a source's AUC drops, it says
-    whether the bundle warned."""
+    the training images (`shift_flagged`) and whether they are, as a set (`set_shift`, serving/shift.py); both
+    absent without a detector. Where a source's AUC drops, they say whether the bundle warned."""
+    by_id = {r["id"]: r for r in rows}
     for m, result in metrics.items():
-        mine = [s for s in scored if s.modality == m and in_distribution.get(s.id) is not None]
+        mine = [s for s in scored if s.modality == m and by_id[s.id].get("in_distribution") is not None]
         if not mine:  # the fused kind, or a bundle without a detector
             continue
-        result["shift_flagged"] = float(np.mean([not in_distribution[s.id] for s in mine]))
-        for name, by_source in result.get("by_source", {}).items():
-            flags = [not in_distribution[s.id] for s in mine if source_of(s) == name]
-            by_source["shift_flagged"] = float(np.mean(flags)) if flags else None
+        parts = [(result, mine)] + [(by_source, [s for s in mine if source_of(s) == name])
+                                    for name, by_source in result.get("by_source", {}).items()]
+        for target, samples in parts:
+            target["shift_flagged"] = (float(np.mean([not by_id[s.id]["in_distribution"] for s in samples]))
+                                       if samples else None)
+            shift = set_shift(detector, m, [by_id[s.id]["ood_score"] for s in samples]) if samples else None
+            if shift is not None:
+                target["set_shift"] = asdict(shift)
 
 
 def _image_cases(samples: list[Sample], prob: dict[str, float]) -> Cases:
@@ -269,7 +275,7 @@ def evaluate(bundle: str | Path, data: DataPaths, out: str | Path | None = None,
         m["at_sensitivity"] = _at_sensitivities(pipe.config, k, cases[k], n_resamples, seed)
         if prevalence is not None:
             m["at_prevalence"] = _at_prevalence(m, prevalence)
-    _add_shift_flagged(metrics, scored, {r["id"]: r.get("in_distribution") for r in rows})
+    _add_shift(metrics, scored, rows, pipe.config.ood)
     results["modalities"] = {m: metrics[m] for m in pipe.modalities if m in metrics}
     if "fused" in metrics:
         results["fused"].update(metrics["fused"])

@@ -26,7 +26,7 @@ METRIC_NAMES = {
     "sensitivity": "Sensitivity (COVID cases caught)", "specificity": "Specificity (Non_COVID cases cleared)",
     "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "mcc": "MCC", "roc_auc": "ROC AUC",
     "pr_auc": "PR AUC (average precision)", "brier": "Brier score (lower is better)",
-    "ece": "ECE, 10 bins (lower is better)",
+    "ece": "ECE, 10 bins (lower is better; no CI, see Calibration)",
 }
 PLOT_CAPTIONS = {
     "roc": "ROC curves. The open marker is the operating point at the bundle's threshold.",
@@ -99,13 +99,36 @@ def _metric_table(columns: dict[str, dict]) -> Block:
     if any(m.get("shift_flagged") is not None for m in columns.values()):
         rows.append(["Flagged unlike the training images (shift detector)",
                      *(_num(m.get("shift_flagged")) for m in columns.values())])
+    if any(m.get("set_shift") for m in columns.values()):
+        rows.append(["Unlike the training images as a set: shift AUC (0.5 = like validation)",
+                     *(_set_shift(m.get("set_shift")) for m in columns.values())])
     return ("table", ["Metric", *columns], rows)
+
+
+def _set_shift(shift: dict | None) -> str:
+    if not shift:
+        return "n/a"
+    interval = f"{shift['auc']:.3f} ({shift['ci'][0]:.3f} to {shift['ci'][1]:.3f})"
+    return interval + (", shifted" if shift["shifted"] else "")
+
+
+def _shifted_sets(kinds: dict[str, dict]) -> list[str]:
+    """A warning for every modality or source whose images, as a set, are unlike the training images."""
+    sets = [(KIND_NAMES[k], m) for k, m in kinds.items()]
+    sets += [(f"{KIND_NAMES[k]}, {name}", s) for k, m in kinds.items() for name, s in m.get("by_source", {}).items()]
+    return [f"Warning: {what}: the test images are unlike the training images as a set (shift AUC "
+            f"{m['set_shift']['auc']:.3f}, 95 % CI {m['set_shift']['ci'][0]:.3f} to {m['set_shift']['ci'][1]:.3f}, "
+            "where 0.5 is as alike as the validation images; the detector flags "
+            f"{m['shift_flagged']:.0%} of them one by one). The bundle's calibration and threshold were fitted "
+            "on images unlike these and may not hold for them."
+            for what, m in sets if (m.get("set_shift") or {}).get("shifted")]
 
 
 def _summary(kinds: dict[str, dict], results: dict) -> list[Block]:
     items = [f"{KIND_NAMES[k]}: ROC AUC {_with_ci(m, 'roc_auc')}, sensitivity {_with_ci(m, 'sensitivity')}, "
              f"specificity {_with_ci(m, 'specificity')} at threshold {m['threshold']:.3f} "
              f"(n = {m['n']}, {m['n_positive']} COVID)." for k, m in kinds.items()]
+    items += _shifted_sets(kinds)
     if "fusion" in results and "fused" not in results:
         items.append(results["fusion"]["sentence"])
     ci = results["ci"]

@@ -21,9 +21,11 @@ from datetime import timedelta
 from itertools import islice
 from pathlib import Path
 
+from respiscan.bundle import OodDetector
 from respiscan.data.samples import MANIFEST_NAME, Sample, discover, folder_samples, iter_manifest
 from respiscan.errors import RespiscanError
 from respiscan.serving.pipeline import BasePipeline
+from respiscan.serving.shift import SetShift, SetShiftTest
 from respiscan.utils import atomic_write
 
 CHUNK = 512  # rows per part file: big enough for full batches, small enough that a kill loses little
@@ -52,6 +54,8 @@ class StreamResult:
     total: int  # rows in the output (rank 0, once merged; 0 on the other ranks)
     flagged: int = 0  # rows this process predicted that the shift detector finds unlike the training images
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of unreadable images
+    # per modality, the whole output as a set against the validation images (rank 0, once merged)
+    set_shift: dict[str, SetShift] = field(default_factory=dict)
 
 
 def iter_samples(data: Path, modality: str | None = None) -> Iterator[Sample]:
@@ -142,6 +146,27 @@ def _merge(out: Path, parts: Path) -> int:
     return n
 
 
+def _set_shifts(out: Path, detector: OodDetector | None, batch: int = 65536) -> dict[str, SetShift]:
+    """Per modality, every shift score in the output (read back from it, so rows of earlier runs and other ranks
+    count) as a set against the validation images'; memory holds a batch of scores, not the output."""
+    tests = {m: SetShiftTest(t.val_scores) for m, t in (detector.modalities.items() if detector else ())
+             if t.val_scores}
+    if not tests:
+        return {}
+    pending: dict[str, list[float]] = {m: [] for m in tests}
+    with open(out, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            scores = pending.get(row.get("modality", ""))
+            if scores is not None and row.get("ood_score"):
+                scores.append(float(row["ood_score"]))
+                if len(scores) == batch:
+                    tests[row["modality"]].add(scores)
+                    scores.clear()
+    for m, scores in pending.items():
+        tests[m].add(scores)
+    return {m: result for m, test in tests.items() if (result := test.result()) is not None}
+
+
 def _check_same_bundle(parts: Path, weights_sha256: str, shard: Shard) -> None:
     """An interrupted run resumes only with the bundle that began it: its chunks must not mix two models."""
     record = parts / "bundle.sha256"
@@ -198,4 +223,5 @@ def stream_predictions(pipe: BasePipeline, data: str | Path, out: str | Path, *,
             bar.update(len(rows_in))
     _barrier(shard)
     total_rows = _merge(out, parts) if shard.rank == 0 else 0
-    return StreamResult(out, predicted, already, total_rows, flagged, skipped)
+    shifts = _set_shifts(out, pipe.config.ood) if total_rows else {}
+    return StreamResult(out, predicted, already, total_rows, flagged, skipped, shifts)

@@ -56,13 +56,14 @@ def fit_ood(train: dict[str, np.ndarray], val: dict[str, np.ndarray], train_imag
         q = 1 - false_alarm_rate
         limits = np.array([np.quantile(d_embedding, q), np.quantile(d_image, q)])
         limits *= np.quantile(np.maximum(d_embedding / limits[0], d_image / limits[1]), q)
-        flagged = (d_embedding > limits[0]) | (d_image > limits[1])
+        scores = np.maximum(d_embedding / limits[0], d_image / limits[1])  # what serving computes
         for (mean_key, precision_key), fitted in (((ood_mean_key(m), ood_precision_key(m)), embedding),
                                                   ((ood_image_key(m, "mean"), ood_image_key(m, "precision")), image)):
             tensors[mean_key] = fitted.location_.astype(np.float32)
             tensors[precision_key] = fitted.precision_.astype(np.float32)
         thresholds[m] = {"threshold": float(limits[0]), "image_threshold": float(limits[1]), "n_train": len(x),
-                         "n_val": len(val[m]), "val_flagged": float(np.mean(flagged))}
+                         "n_val": len(val[m]), "val_flagged": float(np.mean(scores > 1.0)),
+                         "val_scores": [round(float(v), 6) for v in np.sort(scores)]}
     return FittedOod(tensors, thresholds, false_alarm_rate)
 
 
