@@ -1,7 +1,6 @@
 """Crossval: folds that never score what trained them, and the whole run on synthetic sites."""
 
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -86,8 +85,11 @@ def test_crossval_with_the_source_adversary_over_three_sites(tmp_path):
 
     data = generate(tmp_path / "sites", n_per_class=8, size=48, seed=3, progress=False, sites=3, confound=0.8)
     folders = sorted(p for p in data.iterdir() if p.is_dir())
-    cfg = replace(tiny_config().with_overrides(image_size=48, shared="source_adversarial"), balance="source_class")
+    cfg = tiny_config().with_overrides(image_size=48, shared="source_adversarial").with_site_methods(
+        balance="source_class", backbone_adversary=1.0)
     result = run_crossval(folders, tmp_path / "cv", cfg, by="source", modality="ct")
     assert sorted(r["fold"] for r in result["folds"]) == ["site0", "site1", "site2"]
     assert all(0 <= r["auc"] <= 1 for r in result["folds"])
+    backbone_logs = list((tmp_path / "cv" / "folds" / "site1").rglob("embedding_task_ct.csv"))
+    assert backbone_logs and "train_source_acc" in backbone_logs[0].read_text().splitlines()[0]
     assert "source-adversarial" in (tmp_path / "cv" / "folds" / "site1" / "evaluation" / "report.html").read_text()

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from respiscan.data.preprocess import body_outline, preprocess
+from respiscan.data.preprocess import body_outline, lung_box, preprocess
 from respiscan.data.samples import discover
 from respiscan.data.synth import SiteLook, apply_look
 from respiscan.models.mlp import SharedMLP
-from respiscan.runtime import minibatches
+from respiscan.runtime import minibatches, predict_logits
 from respiscan.training.config import ClassifierFit
 from respiscan.training.loop import SourceAdversary, auc, train_classifier
 from respiscan.training.stages import scanner_look
@@ -39,15 +39,18 @@ def confounded(n: int, covid_share: list[float], seed: int) -> tuple[torch.Tenso
             torch.tensor(np.concatenate(sites)))
 
 
+def cell_weights(site: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What --balance source_class gives: every (site, class) the same total weight."""
+    counts = Counter(zip(site.tolist(), y.tolist()))
+    return torch.tensor([1 / counts[k] for k in zip(site.tolist(), y.tolist())], dtype=torch.float64)
+
+
 def fit_on_confounded(seed: int, balance: bool = False) -> float:
     """Train where site A is 90 % COVID and site B 10 %; AUC where both sites are 50 % (the shortcut fails)."""
     x, y, site = confounded(200, [0.9, 0.1], seed)
     xv, yv, _ = confounded(60, [0.9, 0.1], seed + 100)
     xt, yt, _ = confounded(200, [0.5, 0.5], seed + 200)
-    weights = None
-    if balance:
-        counts = Counter(zip(site.tolist(), y.tolist()))
-        weights = torch.tensor([1 / counts[k] for k in zip(site.tolist(), y.tolist())])
+    weights = cell_weights(site, y) if balance else None
     torch.manual_seed(0)
     model = SharedMLP(in_dim=8)
     train_classifier(model, x, y, xv, yv, FIT, seed=seed, shard=False, weights=weights)
@@ -69,6 +72,25 @@ def test_source_class_balance_recovers_what_the_site_shortcut_costs():
     plain = np.mean([fit_on_confounded(seed) for seed in range(2)])
     balanced = np.mean([fit_on_confounded(seed, balance=True) for seed in range(2)])
     assert balanced > plain + 0.04, (plain, balanced)
+
+
+def test_balanced_validation_gives_the_site_shortcut_no_credit():
+    """With balance, validation is weighted as training's batches are: a score that is the site alone, which
+    the confounded validation split rewards (AUC 0.9), scores 0.5; the logged val_auc, which chooses the epoch,
+    is the model's weighted AUC."""
+    x, y, site = confounded(200, [0.9, 0.1], 0)
+    xv, yv, site_v = confounded(60, [0.9, 0.1], 100)
+    w_v = cell_weights(site_v, yv)
+    shortcut = (site_v == 0).double().numpy()
+    assert auc(yv.numpy(), shortcut) > 0.8
+    assert auc(yv.numpy(), shortcut, w_v.numpy()) == pytest.approx(0.5)
+    model = SharedMLP(in_dim=8)
+    result = train_classifier(model, x, y, xv, yv, FIT, seed=0, shard=False, weights=cell_weights(site, y),
+                              val_weights=w_v)
+    logits = predict_logits(model, xv, bf16=False, device=torch.device("cpu"))
+    weighted = auc(yv.numpy(), logits, w_v.numpy())
+    assert result.history[-1]["val_auc"] == pytest.approx(weighted)
+    assert result.history[-1]["val_auc"] != pytest.approx(auc(yv.numpy(), logits), abs=1e-3)
 
 
 def test_source_adversary_leaves_its_discriminator_guessing():
@@ -115,6 +137,23 @@ def test_ct_body_crops_ct_only():
                                   preprocess(framed, "ct", 64, crop="body"))
     np.testing.assert_array_equal(preprocess(framed, "xray", 64, crop="ct_body"), preprocess(framed, "xray", 64))
     assert not np.array_equal(preprocess(framed, "ct", 64, crop="ct_body"), preprocess(framed, "ct", 64))
+
+
+def test_lung_crop_shows_the_lungs_at_one_scale_whatever_the_field_of_view():
+    """A whole-body field of view and a figure cut tight around the lungs (as papers print them) come out of
+    the lung crop nearly alike, and far apart out of the body crop; the box spans both lungs and little else."""
+    side = 192
+    noise = np.random.default_rng(0)
+    wide = np.clip(_phantom(side) + noise.normal(0, 4, (side, side)), 0, 255).astype(np.uint8)
+    tight = cv2.resize(wide[int(0.27 * side):int(0.73 * side), int(0.18 * side):int(0.82 * side)], (side, side))
+    def gap(crop: str) -> float:
+        return float(np.abs(preprocess(wide, "ct", 64, crop=crop).astype(float)
+                            - preprocess(tight, "ct", 64, crop=crop).astype(float)).mean())
+    assert gap("ct_lungs") < 0.5 * gap("ct_body"), (gap("ct_lungs"), gap("ct_body"))
+    x, y, w, h = lung_box(wide, body_outline(wide, "ct"))
+    assert x <= 0.21 * side and x + w >= 0.79 * side and y <= 0.3 * side and y + h >= 0.7 * side  # both lungs
+    assert w * h < 0.6 * (0.84 * side) * (0.68 * side)  # well inside the body's box
+    np.testing.assert_array_equal(preprocess(wide, "xray", 64, crop="ct_lungs"), preprocess(wide, "xray", 64))
 
 
 def test_body_outline_keeps_the_whole_image_when_nothing_plausible_is_found():

@@ -20,10 +20,12 @@ _state = {"debug": False}
 
 
 CROP_HELP = ("ct_body (the presets'): crop CT to the patient's outline, blanking frames, text and the table "
-             "outside it; body: both modalities; none.")
+             "outside it; ct_lungs: CT to the box around the lungs; body: both modalities; none.")
 AUGMENT_HELP = "Scratch backbones: affine, scanner (affine + intensity profile, resolution, noise) or none."
 BALANCE_HELP = "source_class: every (source, class) weighs the same in each stage's batches; none."
 CROSSFIT_HELP = "Share of train kept from the backbone for the MLP stages (0: off)."
+BACKBONE_ADVERSARY_HELP = ("Weight of a source discriminator's confusion loss on scratch backbones' features "
+                           "(needs two training sources per modality; 0: off).")
 
 
 @app.callback()
@@ -86,6 +88,7 @@ def train(data: list[Path] = typer.Argument(..., help="Data folder(s) (reference
           crop: Optional[str] = typer.Option(None, help=CROP_HELP), augment: Optional[str] = typer.Option(
               None, help=AUGMENT_HELP), balance: Optional[str] = typer.Option(None, help=BALANCE_HELP),
           crossfit: Optional[float] = typer.Option(None, help=CROSSFIT_HELP),
+          backbone_adversary: Optional[float] = typer.Option(None, help=BACKBONE_ADVERSARY_HELP),
           operating_point: str = typer.Option("sensitivity=0.90", help="Threshold rule, chosen on the calibration "
                                               "split: youden, sensitivity=T or specificity=T (default: screening, "
                                               "sensitivity 0.90)."),
@@ -100,7 +103,8 @@ def train(data: list[Path] = typer.Argument(..., help="Data folder(s) (reference
     cfg = make_preset(preset).with_overrides(seed=seed, shared=shared, backbone=backbone, image_size=image_size,
                                              epochs=epochs, pretrained=str(weights) if weights else pretrained,
                                              operating_point=operating_point, calibrate_on=calibrate_on)
-    cfg = cfg.with_site_methods(crop=crop, augment=augment, balance=balance, crossfit=crossfit)
+    cfg = cfg.with_site_methods(crop=crop, augment=augment, balance=balance, crossfit=crossfit,
+                                backbone_adversary=backbone_adversary)
     bundle = run_train(data, out, cfg, strict=strict, resume=resume, cache_dir=cache_dir, device=device)
     typer.echo(f"bundle written to {bundle}")
 
@@ -258,6 +262,7 @@ def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each f
              crop: Optional[str] = typer.Option(None, help=CROP_HELP), augment: Optional[str] = typer.Option(
                  None, help=AUGMENT_HELP), balance: Optional[str] = typer.Option(None, help=BALANCE_HELP),
              crossfit: Optional[float] = typer.Option(None, help=CROSSFIT_HELP),
+             backbone_adversary: Optional[float] = typer.Option(None, help=BACKBONE_ADVERSARY_HELP),
              modality: Optional[str] = typer.Option(None, help="Cross-validate this modality only (xray or ct)."),
              resume: bool = typer.Option(False, help="Reuse finished folds and stages in OUT."),
              card: Optional[Path] = typer.Option(None, help="Add the folds' results to this bundle's model card "
@@ -271,7 +276,7 @@ def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each f
     if by not in BY:
         raise RespiscanError(f"unknown --by {by!r}; accepted: {', '.join(BY)}")
     cfg = make_preset(preset).with_overrides(seed=seed, epochs=epochs, shared=shared).with_site_methods(
-        crop=crop, augment=augment, balance=balance, crossfit=crossfit)
+        crop=crop, augment=augment, balance=balance, crossfit=crossfit, backbone_adversary=backbone_adversary)
     if card is not None:
         require_same_settings(card, cfg.to_dict())
     result = run_crossval(data, out, cfg, by=by, folds=folds, resume=resume,

@@ -20,8 +20,9 @@ from respiscan.errors import RespiscanError
 from respiscan.records import Record
 
 # "body": crop both modalities to the patient's outline; "ct_body": CT only (measured: it helps CT transfer
-# between sources and hurts X-ray's, README "Across sites")
-Crop = Literal["none", "body", "ct_body"]
+# between sources and hurts X-ray's, README "Across sites"); "ct_lungs": CT cut to the box around the lungs, so that
+# a slice from a whole-body field of view and one cut tight from a paper show the lungs at the same scale
+Crop = Literal["none", "body", "ct_body", "ct_lungs"]
 CROPS = get_args(Crop)
 MIN_BODY_FRACTION = 0.1  # a "body" smaller than this share of the image is a failed segmentation: keep it all
 
@@ -95,16 +96,39 @@ def body_outline(image: np.ndarray, modality: str) -> np.ndarray | None:
     return mask if (mask > 0).mean() >= MIN_BODY_FRACTION else None
 
 
+def lung_box(image: np.ndarray, body: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) around the lungs: the one or two largest regions darker than Otsu's threshold inside the
+    body, away from its edge (the air outside), with a 5 % margin; None when they are implausibly small."""
+    side = min(image.shape)
+    k = max(3, side // 50)
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    smooth = cv2.GaussianBlur(image, (0, 0), max(1.0, side / 200))
+    level, _ = cv2.threshold(smooth[body > 0], 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    dark = cv2.morphologyEx(((smooth < level) & (cv2.erode(body, disk) > 0)).astype(np.uint8), cv2.MORPH_OPEN, disk)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+    if n < 2:
+        return None
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    lungs = [1 + i for i in np.argsort(areas)[::-1][:2] if areas[i] >= 0.15 * areas.max()]
+    if areas[[i - 1 for i in lungs]].sum() < 0.05 * (body > 0).sum():
+        return None
+    x, y, w, h = cv2.boundingRect(np.isin(labels, lungs).astype(np.uint8))
+    m = int(0.05 * max(w, h))
+    x0, y0 = max(0, x - m), max(0, y - m)
+    return x0, y0, min(image.shape[1], x + w + m) - x0, min(image.shape[0], y + h + m) - y0
+
+
 def preprocess(image: np.ndarray, modality: str, size: int = 224, *, clahe_clip: float = 4.0,
                clahe_tiles: int = 8, ct_opening: int = 2, crop: Crop = "none") -> np.ndarray:
-    """Grey uint8 image -> [body crop] -> CLAHE (clip 4.0, 8x8 tiles) -> CT only: 2x2 opening -> size x size."""
+    """Grey uint8 image -> [body or lung crop] -> CLAHE (clip 4.0, 8x8 tiles) -> CT only: 2x2 opening -> size x size."""
     if image.ndim != 2 or image.dtype != np.uint8:
         raise RespiscanError(f"preprocess expects a 2-D grey uint8 image, got {image.dtype} {image.shape}")
     if modality not in ("xray", "ct"):
         raise RespiscanError(f"unknown modality {modality!r}; accepted: xray, ct")
-    mask = body_outline(image, modality) if crop == "body" or (crop == "ct_body" and modality == "ct") else None
+    mask = body_outline(image, modality) if crop == "body" or (crop.startswith("ct_") and modality == "ct") else None
     if mask is not None:  # CLAHE then sees the patient only, whatever the field of view
-        x, y, w, h = cv2.boundingRect(mask)
+        box = lung_box(image, mask) if crop == "ct_lungs" else None
+        x, y, w, h = box or cv2.boundingRect(mask)
         image, mask = image[y:y + h, x:x + w], mask[y:y + h, x:x + w]
     out = cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(clahe_tiles, clahe_tiles)).apply(image)
     if modality == "ct" and ct_opening > 0:

@@ -85,6 +85,8 @@ class TrainConfig(Record):
                                       ("augmentation", self.augment, Augment), ("balance", self.balance, Balance)):
             if value not in get_args(accepted):
                 raise RespiscanError(f"unknown {name} {value!r}; accepted: {', '.join(get_args(accepted))}")
+        if self.backbone_source_adversary < 0 or self.shared_source_adversary < 0:
+            raise RespiscanError("a source adversary's weight must be >= 0")
         if not 0.0 <= self.crossfit < 0.9:
             raise RespiscanError(f"crossfit={self.crossfit}; must be in [0, 0.9)")
         if not 0.0 <= self.calibration_fraction < 0.5:
@@ -124,13 +126,13 @@ class TrainConfig(Record):
         return cfg
 
     def with_site_methods(self, *, crop: str | None = None, augment: str | None = None, balance: str | None = None,
-                          crossfit: float | None = None) -> "TrainConfig":
+                          crossfit: float | None = None, backbone_adversary: float | None = None) -> "TrainConfig":
         """A copy with the methods against site shortcuts the command line names (None keeps a setting)."""
         cfg = self
         if crop is not None:
             cfg = replace(cfg, preprocess=replace(cfg.preprocess, crop=crop))
-        changes = {k: v for k, v in (("augment", augment), ("balance", balance), ("crossfit", crossfit))
-                   if v is not None}
+        changes = {k: v for k, v in (("augment", augment), ("balance", balance), ("crossfit", crossfit),
+                                     ("backbone_source_adversary", backbone_adversary)) if v is not None}
         return replace(cfg, **changes) if changes else cfg
 
 

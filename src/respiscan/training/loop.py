@@ -24,10 +24,10 @@ from respiscan.training.config import ClassifierFit
 from respiscan.utils import write_rows
 
 
-def auc(y: np.ndarray, score: np.ndarray) -> float:
+def auc(y: np.ndarray, score: np.ndarray, weights: np.ndarray | None = None) -> float:
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(y, score)) if len(np.unique(y)) == 2 else float("nan")
+    return float(roc_auc_score(y, score, sample_weight=weights)) if len(np.unique(y)) == 2 else float("nan")
 
 
 @dataclass(frozen=True)
@@ -208,10 +208,13 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                      params: list[nn.Parameter] | None = None, log_path: Path | None = None,
                      desc: str = "train", checkpoint_path: Path | None = None, shard: bool = True,
-                     weights: torch.Tensor | None = None, adversary: SourceAdversary | None = None) -> FitResult:
+                     weights: torch.Tensor | None = None, val_weights: torch.Tensor | None = None,
+                     adversary: SourceAdversary | None = None) -> FitResult:
     """Fit `model(x) -> logit` with BCE; model selection on validation AUC (never on test).
 
-    `weights` draws each epoch's rows in proportion to them (balanced sampling); `adversary` adds a source
+    `weights` draws each epoch's rows in proportion to them (balanced sampling) and `val_weights` weighs the
+    validation rows the same way, so that the epoch chosen is not the one that best exploits a source-class
+    correlation the sampling removed from training; `adversary` adds a source
     discriminator on the model's features (`forward_with_features`) that the features learn to confuse.
 
     Under torchrun with `shard`, each rank takes its shard of every batch and the loss is scaled so that DDP's
@@ -271,9 +274,11 @@ def train_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     def validate() -> dict[str, float]:
         distributed.sync_buffers(model)
         logits = predict_logits(model, x_val, bf16=bf16, device=device)
-        yv = y_val.numpy()
-        loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), y_val.float()).item()
-        return {"val_loss": loss, "val_auc": auc(yv, logits), "val_acc": float(((logits > 0) == yv).mean())}
+        yv, w = y_val.numpy(), None if val_weights is None else val_weights.numpy() / val_weights.numpy().mean()
+        loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), y_val.float(),
+                                                  weight=None if w is None else torch.from_numpy(w).float()).item()
+        return {"val_loss": loss, "val_auc": auc(yv, logits, w),
+                "val_acc": float(np.average((logits > 0) == yv, weights=w))}
 
     monitor = "val_auc" if len(np.unique(y_val.numpy())) == 2 else "val_loss"
     if settings.select == "last":

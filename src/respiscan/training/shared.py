@@ -38,7 +38,8 @@ def log_names(kind: str) -> list[str]:
 
 def fit_plain(module: nn.Module, train: SharedData, val: SharedData, cfg: TrainConfig, logs: list[Path]) -> None:
     train_classifier(module, train.embeddings, train.covid, val.embeddings, val.covid, cfg.mlp_fit, seed=cfg.seed,
-                     log_path=logs[0], desc="shared MLP", shard=False, weights=train.weights)
+                     log_path=logs[0], desc="shared MLP", shard=False, weights=train.weights,
+                     val_weights=val.weights)
 
 
 def fit_source_adversarial(module: nn.Module, train: SharedData, val: SharedData, cfg: TrainConfig,
@@ -50,7 +51,7 @@ def fit_source_adversarial(module: nn.Module, train: SharedData, val: SharedData
         print("warning: shared kind source_adversarial with a single training source trains as plain")
     train_classifier(module, train.embeddings, train.covid, val.embeddings, val.covid, cfg.mlp_fit, seed=cfg.seed,
                      log_path=logs[0], desc="shared MLP (source-adversarial)", shard=False, weights=train.weights,
-                     adversary=train.adversary)
+                     val_weights=val.weights, adversary=train.adversary)
 
 
 def fit_adversarial(module: nn.Module, train: SharedData, val: SharedData, cfg: TrainConfig,

@@ -98,7 +98,8 @@ def backbone_features(net: EmbeddingNet, images: torch.Tensor, bf16: bool, batch
 def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                    settings: ClassifierFit, *, frozen: bool, augment: Augment, bf16: bool, seed: int,
                    log_path: Path | None, desc: str, checkpoint_path: Path | None = None,
-                   weights: torch.Tensor | None = None, adversary: SourceAdversary | None = None) -> FitResult:
+                   weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   adversary: SourceAdversary | None = None) -> FitResult:
     """Stage 1. A frozen (pretrained) backbone's features never change, so they are computed once and only the
     dense layers train on them; a backbone without pretrained weights is trained whole, with augmentation
     (`augment`: none, affine, or affine + scanner look) and, given an `adversary`, against the source."""
@@ -108,11 +109,16 @@ def train_embedder(net: EmbeddingNet, train: tuple[torch.Tensor, torch.Tensor], 
         f_val = backbone_features(net, val[0], bf16, desc=f"{desc} features")
         return train_classifier(_DenseOnFeatures(net), f_train, train[1], f_val, val[1], settings, seed=seed,
                                 params=[*net.dense.parameters(), *net.out.parameters()], log_path=log_path, desc=desc,
-                                weights=weights)
+                                **balanced(weights))
     net.backbone.requires_grad_(True)
     return train_classifier(net, train[0], train[1], val[0], val[1], settings, seed=seed, bf16=bf16,
                             augment=AUGMENTS[augment], log_path=log_path, desc=desc,
-                            checkpoint_path=checkpoint_path, weights=weights, adversary=adversary)
+                            checkpoint_path=checkpoint_path, adversary=adversary, **balanced(weights))
+
+
+def balanced(weights: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor | None]:
+    """train_classifier's arguments for (train, validation) balance weights."""
+    return {"weights": weights[0], "val_weights": weights[1]} if weights else {}
 
 
 AUGMENTS = {"none": None, "affine": random_affine, "scanner": scanner_augment}

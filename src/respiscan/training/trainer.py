@@ -49,7 +49,7 @@ from respiscan.training.config import TrainConfig, preset
 from respiscan.training.loop import SourceAdversary, train_classifier
 from respiscan.training.shared import SHARED_FITS, SharedData, log_names
 from respiscan.training.shift import FittedOod, fit_ood, write_ood
-from respiscan.training.stages import embed_images, train_embedder
+from respiscan.training.stages import balanced, embed_images, train_embedder
 from respiscan.training.store import StageStore
 from respiscan.utils import package_versions, seed_everything, write_json, write_rows
 
@@ -192,7 +192,7 @@ def train_embedders(net: MMTLNet, cfg: TrainConfig, data: FitData, store: StageS
                            frozen=frozen, augment=cfg.augment, bf16=bf16, seed=cfg.seed,
                            log_path=stage_log, checkpoint_path=store.epoch_checkpoint(keys[key]),
                            desc=f"embedding model {key} ({embedder.backbone.default_cfg.get('architecture', '')})",
-                           weights=data.balance_weights([modality], "train") if cfg.balance != "none" else None,
+                           weights=_weights(cfg, data, [modality], "train"),
                            adversary=None if frozen else data.adversary([modality], "train",
                                                                         cfg.backbone_source_adversary))
             store.save_module(keys[key], embedder, stage_log)
@@ -210,8 +210,12 @@ def train_embedders(net: MMTLNet, cfg: TrainConfig, data: FitData, store: StageS
     return emb
 
 
-def _weights(cfg: TrainConfig, data: FitData, modalities: list[str], split: str) -> torch.Tensor | None:
-    return data.balance_weights(modalities, split) if cfg.balance != "none" else None
+def _weights(cfg: TrainConfig, data: FitData, modalities: list[str], split: str
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Balance weights of `split` (what a stage fits) and of validation (what chooses its epoch), or None."""
+    if cfg.balance == "none":
+        return None
+    return data.balance_weights(modalities, split), data.balance_weights(modalities, "val")
 
 
 def _shared_input(net: MMTLNet, modality: str) -> str:
@@ -228,7 +232,7 @@ def train_task_mlps(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, st
         if not store.load_module(keys[f"task_mlp_{m}"], net.task[m], stage_log):
             train_classifier(net.task[m], emb[f"task_{m}", fit], data.labels(m, fit), emb[f"task_{m}", "val"],
                              data.labels(m, "val"), cfg.mlp_fit, seed=cfg.seed, log_path=stage_log, shard=False,
-                             desc=f"task-specific MLP {m}", weights=_weights(cfg, data, [m], fit))
+                             desc=f"task-specific MLP {m}", **balanced(_weights(cfg, data, [m], fit)))
             store.save_module(keys[f"task_mlp_{m}"], net.task[m], stage_log)
 
 
@@ -245,7 +249,7 @@ def train_shared(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store
         embeddings=torch.cat([emb[_shared_input(net, m), sp] for m in modalities]),
         covid=torch.cat([data.labels(m, sp) for m in modalities]),
         modality=torch.cat([torch.full((len(data.labels(m, sp)),), float(m == XRAY)) for m in modalities]),
-        weights=_weights(cfg, data, modalities, sp),
+        weights=data.balance_weights(modalities, sp) if cfg.balance != "none" else None,
         adversary=data.adversary(modalities, sp, cfg.shared_source_adversary))
         for sp in (fit, "val")}
     SHARED_FITS[cfg.model.shared](net.shared, pooled[fit], pooled["val"], cfg, stage_logs)
@@ -267,7 +271,7 @@ def train_heads(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store:
         if not store.load_module(keys[f"head_{m}"], net.heads[m], stage_log):
             train_classifier(net.heads[m], head_x[m, fit], data.labels(m, fit), head_x[m, "val"],
                              data.labels(m, "val"), cfg.mlp_fit, seed=cfg.seed, log_path=stage_log, desc=f"head {m}",
-                             shard=False, weights=_weights(cfg, data, [m], fit))
+                             shard=False, **balanced(_weights(cfg, data, [m], fit)))
             store.save_module(keys[f"head_{m}"], net.heads[m], stage_log)
     net.eval()
     return head_x
