@@ -199,6 +199,13 @@ def test_demo_runs_end_to_end_and_keeps_the_whole_backbone_schedule(tmp_path, ca
     assert set(result["evaluation"]["modalities"]) == {"xray", "ct"}
 
 
+def test_train_refuses_a_negative_backbone_adversary(synth_data, tmp_path, capsys, monkeypatch):
+    code, _, err = run(["train", synth_data, "--out", tmp_path / "b", "--backbone-adversary", "-1"], capsys,
+                       monkeypatch)
+    assert code == 2 and "a source adversary's weight must be >= 0" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_train_refuses_an_unknown_calibration_source(synth_data, tmp_path, capsys, monkeypatch):
     code, _, err = run(["train", synth_data, "--out", tmp_path / "b", "--calibrate-on", "test"], capsys, monkeypatch)
     assert code == 2 and "unknown calibrate_on 'test'; accepted: cross-fitted, calibration" in err
