@@ -41,7 +41,6 @@ import timm
 import torch
 
 from respiscan.data.images import iter_batches, load_dataset_images
-from respiscan.data.preprocess import PreprocessConfig
 from respiscan.data.samples import Sample, discover
 from respiscan.models.backbone import EmbeddingNet
 from respiscan.models.mlp import TaskSpecificMLP
@@ -218,7 +217,7 @@ def bench_backbones(table: Table, samples: list[Sample], peers: dict | None, fil
     bf16 = bf16_supported()
     n_raw, reps = (8, 1) if quick else (BATCH * 2, repeats)
     chosen = pick(samples, files, "train")
-    config = PreprocessConfig(size=224)
+    config = PRESETS["fast"].preprocess  # what the default bundle reads with: 224 px, CT cropped to the body
     random_images = np.random.default_rng(0).integers(0, 256, (n_raw, 224, 224), dtype=np.uint8)
     list(iter_batches(chosen, config))  # the files into the page cache, as for every later reader
     for name in preset_backbones():
@@ -255,14 +254,15 @@ def bench_backbones(table: Table, samples: list[Sample], peers: dict | None, fil
 
 def bench_read(table: Table, samples: list[Sample], quick: bool, work: Path) -> None:
     chosen = pick(samples, 16 if quick else 512, "train")
-    config = PreprocessConfig(size=224)
+    config = PRESETS["fast"].preprocess
     t0 = time.perf_counter()
     _, kept, _ = load_dataset_images(chosen, config, cache_dir=work, desc="read")
     read_s = time.perf_counter() - t0  # includes writing the cache, as a first training run does
     t0 = time.perf_counter()
     load_dataset_images(chosen, config, cache_dir=work, desc="read")
     cached_s = time.perf_counter() - t0
-    table.add("read", f"decode + preprocess {len(kept)} images (224 px), threads", f"{len(kept) / read_s:.1f} img/s")
+    table.add("read", f"decode + preprocess {len(kept)} images (the fast preset's: 224 px, CT body crop), threads",
+              f"{len(kept) / read_s:.1f} img/s")
     table.add("read", "the same from the preprocessed-image cache", f"{len(kept) / cached_s:.1f} img/s")
 
 
@@ -289,7 +289,7 @@ def run_peers(python: Path, work: Path, args: list[str]) -> dict:
 def peers_embed(python: Path, samples: list[Sample], files: int, repeats: int, work: Path) -> dict:
     """The reference stack's embedding of the images bench_backbones reads, for each backbone Keras has."""
     chosen = pick(samples, files, "train")
-    images, _, _ = load_dataset_images(chosen, PreprocessConfig(size=224), desc="read")
+    images, _, _ = load_dataset_images(chosen, PRESETS["fast"].preprocess, desc="read")
     np.save(work / "images.npy", images)
     names = [b for b in preset_backbones() if b in ("efficientnet_b0", "efficientnet_b1", "resnet50", "resnetv2_50")]
     return run_peers(python, work, ["--images", str(work / "images.npy"), "--backbones", ",".join(names),

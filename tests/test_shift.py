@@ -298,3 +298,22 @@ def test_real_mosmed_slices_pass_one_by_one_but_not_as_a_set(tmp_path):
     own, other = (set_shift(ood, "ct", scores[k].score) for k in ("test", "mosmed"))
     assert not own.shifted and own.ci[0] < 0.5 < own.ci[1]
     assert other.shifted and other.auc > own.auc + 0.1
+
+
+def test_texture_by_table_equals_the_binary_patterns_by_definition():
+    """The packed-byte texture (4x faster) gives the histograms of the definition: per pixel, the eight ring
+    comparisons, uniform when they change at most twice around the ring, labelled by how many are set, else 9."""
+    from respiscan.data.image_stats import _RING, TEXTURE_RADII, _texture
+
+    g = np.random.default_rng(0).random((40, 37), dtype=np.float32)
+    g[10:20, 10:20] = 0.5  # flat patches: ties, where ">=" matters
+    for r, got in zip(TEXTURE_RADII, _texture(g)):
+        centre = g[r:-r, r:-r]
+        h, w = centre.shape
+        counts = np.zeros(10)
+        for y in range(h):
+            for x in range(w):
+                bits = [int(g[r + y + dy * r, r + x + dx * r] >= centre[y, x]) for dy, dx in _RING]
+                changes = sum(bits[k] != bits[k - 1] for k in range(8))
+                counts[sum(bits) if changes <= 2 else 9] += 1
+        np.testing.assert_allclose(got, np.sqrt(counts / counts.sum()))

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
-from respiscan.data.preprocess import body_outline, lung_box, preprocess
+from conftest import REALDEV, tiny_config
+from respiscan.data.preprocess import PreprocessConfig, body_outline, lung_box, preprocess
 from respiscan.data.samples import discover
 from respiscan.data.synth import SiteLook, apply_look
+from respiscan.errors import RespiscanError
 from respiscan.models.mlp import SharedMLP
 from respiscan.runtime import minibatches, predict_logits
 from respiscan.training.config import ClassifierFit
@@ -166,7 +167,7 @@ def test_body_hull_from_the_outline_equals_the_hull_of_every_pixel():
     """The crop takes the convex hull of the largest region's outer boundary only (3.5x faster on realdev's CT,
     where every one of the 6,134 hulls of realdev and sites came out identical): the same mask as the hull of
     all its pixels, also for a ragged, concave region with holes."""
-    from respiscan.data.preprocess import _largest_bright_hull
+    from respiscan.data.preprocess import _filled, _largest_bright_hull
 
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -175,7 +176,7 @@ def test_body_hull_from_the_outline_equals_the_hull_of_every_pixel():
             cv2.circle(image, tuple(int(v) for v in rng.integers(60, 180, 2)), int(rng.integers(15, 40)), 200, -1)
         cv2.circle(image, tuple(int(v) for v in rng.integers(80, 160, 2)), 8, 10, -1)
         image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
-        got = _largest_bright_hull(image, None)
+        got = _filled(image.shape, _largest_bright_hull(image, None))
         side = min(image.shape)
         smooth = cv2.GaussianBlur(image, (0, 0), max(1.0, side / 150))
         level, _ = cv2.threshold(smooth, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
@@ -188,6 +189,61 @@ def test_body_hull_from_the_outline_equals_the_hull_of_every_pixel():
         cv2.fillConvexPoly(want, cv2.convexHull(cv2.findNonZero(region)), 255)
         np.testing.assert_array_equal(got, want)
         assert (want > 0).sum() > region.sum()  # concave: the hull adds pixels, so the test can tell
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a > 0) & (b > 0)).sum() / ((a > 0) | (b > 0)).sum())
+
+
+def test_outline_found_small_is_the_full_size_outline_to_a_pixel_or_two():
+    """The presets find the body outline at 128 px and scale its hull back: on a 512 px slice inside a scanner's
+    reconstruction circle, with a frame, text and noise, the same body as at full size; a work side at or above
+    the image's is the full-size computation itself."""
+    side = 512
+    yy, xx = np.mgrid[:side, :side] / side
+    image = np.where((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.46 ** 2, 40, 0).astype(np.uint8)  # the circle
+    image[(((xx - 0.5) / 0.36) ** 2 + ((yy - 0.52) / 0.27) ** 2) < 1] = 160  # the body
+    image[(((xx - 0.38) / 0.09) ** 2 + ((yy - 0.5) / 0.15) ** 2) < 1] = 60  # a lung
+    image[:6], image[:, :6] = 255, 255  # a frame
+    cv2.putText(image, "R 12", (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 255, 2)
+    image = np.clip(image + np.random.default_rng(0).normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+    full, small = body_outline(image, "ct"), body_outline(image, "ct", work_side=128)
+    assert _iou(full, small) > 0.98
+    body = (((xx - 0.5) / 0.36) ** 2 + ((yy - 0.52) / 0.27) ** 2) < 1
+    assert _iou(small, body) > 0.97 and _iou(full, body) > 0.97  # both found the body, not the circle
+    np.testing.assert_array_equal(body_outline(image, "ct", work_side=side), full)
+    np.testing.assert_array_equal(preprocess(image, "ct", 64, crop="ct_body", outline_side=0),
+                                  preprocess(image, "ct", 64, crop="ct_body"))
+
+
+@pytest.mark.skipif(not REALDEV.is_dir(), reason="../shared/data/realdev is absent")
+def test_outline_found_small_agrees_on_real_ct():
+    """On realdev's CT slices the 128 px outline covers the full-size one: median IoU 0.99 (the rest is where
+    Otsu's threshold moves a little with the scale: README "Speed")."""
+    from respiscan.data.io import read_image
+    from respiscan.data.samples import discover
+
+    slices = [s for s in discover(REALDEV) if s.modality == "ct"][::25]
+    ious = []
+    for s in slices:
+        image = read_image(s.path, modality="ct")
+        full, small = body_outline(image, "ct"), body_outline(image, "ct", work_side=128)
+        assert (full is None) == (small is None), s.path
+        if full is not None:
+            ious.append(_iou(full, small))
+    assert len(ious) >= 20 and np.median(ious) > 0.98 and min(ious) > 0.7, ious
+
+
+def test_outline_side_is_stored_only_when_set_and_the_presets_set_it():
+    from respiscan.records import dump
+    from respiscan.training.config import PRESETS
+
+    assert PreprocessConfig.from_dict({"size": 224, "crop": "ct_body"}).outline_side == 0  # bundles from before it
+    assert "outline_side" not in dump(PreprocessConfig(crop="ct_body"), {})  # so they write back unchanged
+    assert dump(PreprocessConfig(outline_side=128), {})["outline_side"] == 128
+    assert PRESETS["fast"].preprocess.outline_side == PRESETS["seed"].preprocess.outline_side == 128
+    with pytest.raises(RespiscanError, match="outline_side"):
+        PreprocessConfig(outline_side=-1)
 
 
 def test_scanner_look_varies_profile_resolution_and_noise_reproducibly():

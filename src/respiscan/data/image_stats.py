@@ -4,8 +4,8 @@ An embedding learnt from scratch to tell COVID from non-COVID keeps little of wh
 scan, so photographs, drawings, noise or the other modality can land inside its training cloud (README "Can I
 trust this prediction?"). These numbers describe what it drops: the intensity histogram, the coarse layout,
 edge strength across scales, the orientation of edges by quadrant (as in HOG) and the local texture (uniform
-local binary patterns, Ojala et al. 2002). numpy + OpenCV only, the same for every engine; about 3 ms an
-image on our 2-core CPU.
+local binary patterns, Ojala et al. 2002). numpy + OpenCV only, the same for every engine; about 0.7 ms an
+image on one core of the AMX Xeon.
 """
 
 from __future__ import annotations
@@ -47,16 +47,29 @@ def _orientations(g: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _uniform_labels() -> np.ndarray:
+    """For each 8-bit ring code (bit k: neighbour k is at least the centre), its pattern's label: the number of
+    set bits where the ring has at most two transitions (0-8), else 9."""
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
+    uniform = (bits != np.roll(bits, 1, axis=1)).sum(axis=1) <= 2
+    return np.where(uniform, bits.sum(axis=1), 9)
+
+
+_LABELS = _uniform_labels()
+
+
 def _texture(g: np.ndarray) -> list[np.ndarray]:
-    """Rotation-invariant uniform binary patterns of 8 neighbours: the number of brighter neighbours where the
-    ring has at most two transitions (0-8), else 9; the square root of each radius' histogram."""
+    """Rotation-invariant uniform binary patterns of 8 neighbours (`_uniform_labels`): the square root of each
+    radius' label histogram. The ring is packed into one byte per pixel and labelled by table, 4x faster than
+    comparing the bit planes."""
     out = []
     for r in TEXTURE_RADII:
         centre = g[r:-r, r:-r]
         h, w = centre.shape
-        bits = np.stack([g[r + dy * r:r + dy * r + h, r + dx * r:r + dx * r + w] >= centre for dy, dx in _RING])
-        uniform = (bits != np.roll(bits, 1, axis=0)).sum(axis=0) <= 2
-        counts = np.bincount(np.where(uniform, bits.sum(axis=0), 9).ravel(), minlength=10)
+        code = np.zeros(centre.shape, np.uint8)
+        for k, (dy, dx) in enumerate(_RING):
+            code |= (g[r + dy * r:r + dy * r + h, r + dx * r:r + dx * r + w] >= centre).view(np.uint8) << k
+        counts = np.bincount(_LABELS, np.bincount(code.ravel(), minlength=256), minlength=10)
         out.append(np.sqrt(counts / counts.sum()))
     return out
 

@@ -247,6 +247,10 @@ def _configuration(config: BundleConfig) -> list[Block]:
     else:
         shared_models = "the task-specific ones (one embedding model per modality feeds both MLPs)"
     opening = f"CT only: {pre.ct_opening}x{pre.ct_opening} morphological opening; " if pre.ct_opening else ""
+    crop = {"none": "", "body": "cropped to the body outline", "ct_body": "CT cropped to the body outline",
+            "ct_lungs": "CT cropped to the box around the lungs"}[pre.crop]
+    if crop:
+        crop += f" (found at {pre.outline_side} px); " if pre.outline_side else "; "
     rows = [
         ["Modalities", ", ".join(KIND_NAMES[m] for m in mods)],
         ["Task-specific embedding models", per_modality(model.task_backbones)],
@@ -254,7 +258,7 @@ def _configuration(config: BundleConfig) -> list[Block]:
         ["Shared features", SHARED_TEXT[model.shared].format(
             finetune=FINETUNE_TEXT[training.adversarial_finetune if training else "covid"])],
         ["Pretrained weights", _pretrained(training.pretrained if training else False)],
-        ["Preprocessing", f"grey; CLAHE clip {pre.clahe_clip:g}, {pre.clahe_tiles}x{pre.clahe_tiles} tiles; "
+        ["Preprocessing", f"grey; {crop}CLAHE clip {pre.clahe_clip:g}, {pre.clahe_tiles}x{pre.clahe_tiles} tiles; "
                           f"{opening}resized to {pre.size}x{pre.size}; DICOM CT window centre "
                           f"{pre.dicom_ct_center:g} HU, width {pre.dicom_ct_width:g} HU"],
     ]

@@ -136,7 +136,9 @@ class TrainConfig(Record):
         return replace(cfg, **changes) if changes else cfg
 
 
-CROP_CT = PreprocessConfig(crop="ct_body")  # every preset crops CT to the body (README "Across sites")
+# every preset crops CT to the body (README "Across sites"), finding the outline at 128 px (README "Speed"); tiny
+# keeps the full-size outline that the README's tiny-preset figures were measured with
+CROP_CT = PreprocessConfig(crop="ct_body", outline_side=128)
 PRESETS: dict[str, TrainConfig] = {
     "fast": TrainConfig(preprocess=CROP_CT),
     "seed": TrainConfig(preset="seed", model=ModelSpec(
