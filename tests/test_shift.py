@@ -301,7 +301,7 @@ def test_real_mosmed_slices_pass_one_by_one_but_not_as_a_set(tmp_path):
 
 
 def test_texture_by_table_equals_the_binary_patterns_by_definition():
-    """The packed-byte texture (4x faster) gives the histograms of the definition: per pixel, the eight ring
+    """The packed-byte texture (twice as fast) gives the histograms of the definition: per pixel, the eight ring
     comparisons, uniform when they change at most twice around the ring, labelled by how many are set, else 9."""
     from respiscan.data.image_stats import _RING, TEXTURE_RADII, _texture
 

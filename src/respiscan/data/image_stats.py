@@ -60,8 +60,8 @@ _LABELS = _uniform_labels()
 
 def _texture(g: np.ndarray) -> list[np.ndarray]:
     """Rotation-invariant uniform binary patterns of 8 neighbours (`_uniform_labels`): the square root of each
-    radius' label histogram. The ring is packed into one byte per pixel and labelled by table, 4x faster than
-    comparing the bit planes."""
+    radius' label histogram. The ring is packed into one byte per pixel and labelled by table: the same counts
+    as comparing the bit planes, in half the time (0.23 against 0.48 ms at 112 px)."""
     out = []
     for r in TEXTURE_RADII:
         centre = g[r:-r, r:-r]
