@@ -209,3 +209,20 @@ def test_report_does_not_compare_baselines_scored_on_other_images(bundle, tmp_pa
     assert results["audit"]["compared_with_model"] == []
     assert all(b["model_auc"] is None for b in results["audit"]["shortcuts"])
     assert not any("against the model's" in w for w in results["audit"]["warnings"])
+
+
+def test_methods_table_names_the_crop_and_where_its_outline_was_found(bundle):
+    from respiscan.data.preprocess import PreprocessConfig
+    from respiscan.evaluation.report import _configuration
+
+    config = Bundle.open(bundle).config
+
+    def preprocessing(pre: PreprocessConfig) -> str:
+        rows = [row for kind, *rest in _configuration(replace(config, preprocess=pre)) if kind == "table"
+                for row in rest[1]]
+        return next(text for name, text in rows if name == "Preprocessing")
+
+    assert preprocessing(PreprocessConfig()).startswith("grey; CLAHE")
+    assert "CT cropped to the body outline (found at 128 px); CLAHE" in preprocessing(
+        PreprocessConfig(crop="ct_body", outline_side=128))
+    assert "CT cropped to the box around the lungs; CLAHE" in preprocessing(PreprocessConfig(crop="ct_lungs"))

@@ -82,7 +82,7 @@ def _largest_bright_hull(image: np.ndarray, within: np.ndarray | None) -> np.nda
     return cv2.convexHull(np.concatenate(outline))
 
 
-def _filled(shape: tuple[int, ...], hull: np.ndarray, offset: tuple[int, int] = (0, 0),
+def _filled(shape: tuple[int, ...], hull: np.ndarray, offset: tuple[float, float] = (0.0, 0.0),
             scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """uint8 mask of `shape`, 255 inside the hull (x, y points) once scaled and shifted."""
     mask = np.zeros(shape, np.uint8)
