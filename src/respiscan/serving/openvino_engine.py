@@ -13,7 +13,7 @@ import numpy as np
 
 from respiscan.bundle import Bundle
 from respiscan.extras import require
-from respiscan.serving.onnx_engine import BATCH, checked_export, graph_bytes
+from respiscan.serving.onnx_engine import BATCH, checked_export, checked_graph
 from respiscan.serving.pipeline import BasePipeline, Outputs
 
 
@@ -25,8 +25,8 @@ class OpenVinoPipeline(BasePipeline):
         ov = require("openvino", "the OpenVINO engine")
         spec = checked_export(self)
         core = ov.Core()
-        self.compiled = {m: core.compile_model(core.read_model(graph_bytes(self.bundle, m)), "CPU",
-                                               {"PERFORMANCE_HINT": "LATENCY"}) for m in self.modalities}
+        self.compiled = {m: checked_graph(self.bundle, m, lambda graph: core.compile_model(
+            core.read_model(graph), "CPU", {"PERFORMANCE_HINT": "LATENCY"})) for m in self.modalities}
         first = next(iter(self.compiled.values()))
         self.precision = "bf16" if first.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "fp32"
         self.output_names = [spec.output, *([spec.embedding_output] if spec.embedding_output else [])]
