@@ -70,9 +70,17 @@ def test_crossval_on_synthetic_sites_writes_a_table_per_left_out_site(tmp_path, 
     assert {r["modality"] for r in rows} == {"xray", "ct"}
     for r in rows:
         assert r["n"] == 2 * 8 and 0 <= r["auc"] <= 1 and r["in_source_val_auc"] is not None
+        # the shortcut baselines come from the audit train ran on the fold, scored on the same left-out images
+        shortcuts = json.loads((tmp_path / "cv" / "folds" / r["fold"] / "bundle" / "config.json").read_text())[
+            "audit"]["shortcuts"][r["modality"]]
+        assert shortcuts["n_test"] == r["n"]
+        assert [r["border_baseline_auc"], r["intensity_baseline_auc"]] == [
+            shortcuts["border"]["logistic"], shortcuts["intensity"]["logistic"]]
+        assert all(0 <= r[k] <= 1 for k in ("border_baseline_auc", "intensity_baseline_auc"))
     saved = json.loads((tmp_path / "cv" / "crossval.json").read_text())
     assert saved["folds"] == rows and set(saved["mean"]) == {"xray", "ct"}
     assert "Left out" in (tmp_path / "cv" / "crossval.md").read_text()
+    assert "Intensity-statistics baseline AUC" in (tmp_path / "cv" / "crossval.md").read_text()
     capsys.readouterr()
     again = run_crossval(folders, tmp_path / "cv", cfg, by="source", resume=True)
     assert again["folds"] == rows and capsys.readouterr().out.count("finished earlier, reused") == 2

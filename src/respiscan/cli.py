@@ -284,7 +284,8 @@ def crossval(data: list[Path] = typer.Argument(..., help="Data folder(s); each f
     for r in result["folds"]:
         typer.echo(f"{r['held_out']:28s} {r['modality']:5s} n={r['n']:4d} AUC={_fmt(r['auc'])} "
                    f"sens={_fmt(r['sensitivity'])} spec={_fmt(r['specificity'])} ECE={_fmt(r['ece'])} "
-                   f"(in-source validation AUC {_fmt(r['in_source_val_auc'])})")
+                   f"(in-source validation AUC {_fmt(r['in_source_val_auc'])}; network-free baselines: border "
+                   f"{_fmt(r['border_baseline_auc'])}, intensity {_fmt(r['intensity_baseline_auc'])})")
     typer.echo(f"table: {Path(out) / 'crossval.md'}")
     if card is not None:
         typer.echo(f"model card: {record_crossval(card, result).path / 'MODEL_CARD.md'}")

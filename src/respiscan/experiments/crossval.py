@@ -27,6 +27,9 @@ from respiscan.utils import atomic_write, read_json, write_json, write_rows
 
 By = Literal["source", "group"]
 BY: tuple[str, ...] = get_args(By)
+BASELINES = ("border", "intensity")  # the audit's shortcut features reported beside each fold (logistic model)
+SUMMARISED = ("auc", "sensitivity", "specificity", "ece", "in_source_val_auc",
+              *(f"{kind}_baseline_auc" for kind in BASELINES))
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,19 @@ def group_folds(samples: list[Sample], k: int, seed: int) -> list[Fold]:
 
 
 def _fold_rows(fold: Fold, results: dict, bundle: Path) -> list[dict]:
-    validation = Bundle.open(bundle).config.validation_metrics
+    config = Bundle.open(bundle).config
+    # the audit that train runs fits its shortcut models on the fold's non-test images and scores its test
+    # images, i.e. the left-out ones: the same protocol as the fold's model, without a network
+    shortcuts = (config.audit or {}).get("shortcuts") or {}
     rows = []
     for modality, m in results["modalities"].items():
         ci = m["ci"].get("roc_auc") or [None, None]
+        baseline = shortcuts.get(modality) or {}
         rows.append({"fold": fold.name, "held_out": fold.held_out, "modality": modality, "n": m["n"],
                      "auc": m["roc_auc"], "auc_low": ci[0], "auc_high": ci[1], "threshold": m["threshold"],
                      "sensitivity": m["sensitivity"], "specificity": m["specificity"], "ece": m["ece"],
-                     "in_source_val_auc": (validation.get(modality) or {}).get("roc_auc")})
+                     "in_source_val_auc": (config.validation_metrics.get(modality) or {}).get("roc_auc"),
+                     **{f"{kind}_baseline_auc": (baseline.get(kind) or {}).get("logistic") for kind in BASELINES}})
     return rows
 
 
@@ -93,18 +101,22 @@ def _num(v: float | None) -> str:
 
 def _markdown(rows: list[dict], summary: dict) -> str:
     header = ["Left out", "Modality", "n", "AUC (95% CI)", "Sensitivity", "Specificity", "ECE",
-              "In-source validation AUC"]
+              "In-source validation AUC", "Border-only baseline AUC", "Intensity-statistics baseline AUC"]
     table = [[r["held_out"], KIND_NAMES.get(r["modality"], r["modality"]), str(r["n"]),
               f"{_num(r['auc'])} ({_num(r['auc_low'])}-{_num(r['auc_high'])})", _num(r["sensitivity"]),
-              _num(r["specificity"]), _num(r["ece"]), _num(r["in_source_val_auc"])] for r in rows]
-    means = [[f"mean of {s['folds']} folds", KIND_NAMES.get(m, m), "", _num(s["auc"]), _num(s["sensitivity"]),
-              _num(s["specificity"]), _num(s["ece"]), _num(s["in_source_val_auc"])] for m, s in summary.items()]
+              _num(r["specificity"]), _num(r["ece"]), _num(r["in_source_val_auc"]),
+              *(_num(r[f"{kind}_baseline_auc"]) for kind in BASELINES)] for r in rows]
+    means = [[f"mean of {s['folds']} folds", KIND_NAMES.get(m, m), "", *(_num(s[k]) for k in SUMMARISED)]
+             for m, s in summary.items()]
     return render_markdown([
         ("h1", "respiscan crossval"),
         ("p", "One model per fold with identical settings, each scored on the images it left out. Sensitivity "
               "and specificity are at each fold's own operating point, chosen on a validation split of its "
               "training data. The in-source validation AUC is that split's: the gap between it and the "
-              "left-out AUC is what moving to a new source costs."),
+              "left-out AUC is what moving to a new source costs. The baselines are the audit's network-free "
+              "shortcut models (a logistic regression on the outer 5 % of the raw image, or on seven global "
+              "intensity statistics), fitted on the fold's training images and scored on the same left-out "
+              "images: a model that does not beat them there has not shown that it learnt more than the look."),
         ("table", header, table + means)])
 
 
@@ -136,8 +148,7 @@ def run_crossval(data: DataPaths, out: str | Path, config: TrainConfig, *, by: B
     summary = {}
     for modality in dict.fromkeys(r["modality"] for r in rows):
         mine = [r for r in rows if r["modality"] == modality]
-        summary[modality] = {"folds": len(mine), **{k: _mean([r[k] for r in mine]) for k in
-                                                    ("auc", "sensitivity", "specificity", "ece", "in_source_val_auc")}}
+        summary[modality] = {"folds": len(mine), **{k: _mean([r[k] for r in mine]) for k in SUMMARISED}}
     result = {"data": [str(p) for p in data_paths(data)], "by": by,
               "folds": rows, "mean": summary, "config": config.to_dict()}
     write_json(out / "crossval.json", result)
