@@ -255,12 +255,14 @@ def test_card_labels_results_external_by_source(bundle, tmp_path):
     copy = shutil.copytree(bundle, tmp_path / "b")
     crossval = {"by": "source", "folds": [{"fold": "another_hospital", "held_out": "source another_hospital",
                                            "modality": "ct", "n": 40, "auc": 0.61, "auc_low": 0.5, "auc_high": 0.7,
-                                           "threshold": 0.4, "sensitivity": 0.7, "specificity": 0.5, "ece": 0.2}]}
+                                           "threshold": 0.4, "sensitivity": 0.7, "specificity": 0.5, "ece": 0.2,
+                                           "border_baseline_auc": 0.55, "intensity_baseline_auc": 0.58}]}
     assert crossval_results(crossval)[0].setting == "external"
     saved = record_crossval(copy, crossval)
     assert saved.config.model_card.results[-1].source == "another_hospital"
     card = (copy / CARD_FILE).read_text()
     assert "## Cross-validation" in card and "another_hospital" in card and "0.610 (0.500-0.700)" in card
+    assert "network-free baselines on the same images: border 0.550, intensity 0.580" in card
 
 
 def test_card_takes_crossval_only_from_the_same_settings(bundle, tmp_path):

@@ -216,10 +216,17 @@ def crossval_results(result: dict[str, Any]) -> list[CardResult]:
     setting: Setting = "external" if result.get("by") == "source" else "in-source"
     return [CardResult(setting, str(r["held_out"]).removeprefix("source "), r["modality"], "crossval",
                        f"crossval --by {result.get('by')}, fold {r['fold']} (a model of the same configuration "
-                       "trained without it)", r["n"], None, r["auc"],
+                       f"trained without it{_baselines(r)})", r["n"], None, r["auc"],
                        None if r.get("auc_low") is None else [r["auc_low"], r["auc_high"]], r["sensitivity"], None,
                        r["specificity"], None, r.get("threshold"), r.get("ece"), _today())
             for r in result["folds"]]
+
+
+def _baselines(row: dict[str, Any]) -> str:
+    """The fold's network-free shortcut baselines on the same images, for the card's reader to compare."""
+    aucs = {k: row.get(f"{k}_baseline_auc") for k in ("border", "intensity")}
+    named = [f"{k} {v:.3f}" for k, v in aucs.items() if v is not None]
+    return f"; network-free baselines on the same images: {', '.join(named)}" if named else ""
 
 
 def record_crossval(bundle: str | Path, result: dict[str, Any]) -> Bundle:
