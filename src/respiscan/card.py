@@ -224,8 +224,8 @@ def crossval_results(result: dict[str, Any]) -> list[CardResult]:
 
 def _baselines(row: dict[str, Any]) -> str:
     """The fold's network-free shortcut baselines on the same images, for the card's reader to compare."""
-    aucs = {k: row.get(f"{k}_baseline_auc") for k in ("border", "intensity")}
-    named = [f"{k} {v:.3f}" for k, v in aucs.items() if v is not None]
+    named = [f"{k.removesuffix('_baseline_auc')} {v:.3f}" for k, v in row.items()
+             if k.endswith("_baseline_auc") and v is not None]
     return f"; network-free baselines on the same images: {', '.join(named)}" if named else ""
 
 
