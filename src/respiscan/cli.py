@@ -24,6 +24,7 @@ CROP_HELP = ("ct_body (the presets'): crop CT to the patient's outline, blanking
 AUGMENT_HELP = "Scratch backbones: affine, scanner (affine + intensity profile, resolution, noise) or none."
 BALANCE_HELP = "source_class: every (source, class) weighs the same in each stage's batches; none."
 CROSSFIT_HELP = "Share of train kept from the backbone for the MLP stages (0: off)."
+WEAK_AUC = 0.6  # `calibrate`: below it, a site's images are ranked too poorly for any threshold to help
 BACKBONE_ADVERSARY_HELP = ("Weight of a source discriminator's confusion loss on scratch backbones' features "
                            "(needs two training sources per modality; 0: off).")
 
@@ -222,6 +223,33 @@ def evaluate(bundle: Path = typer.Argument(..., help="Bundle folder."),
             v = m["at_prevalence"]
             typer.echo(f"      at prevalence {v['prevalence']:g}: PPV={_fmt(v['ppv'])} NPV={_fmt(v['npv'])}")
     typer.echo(f"written to {out or Path(bundle) / 'evaluation'} (report: {results['report']['html']})")
+
+
+@app.command()
+def calibrate(bundle: Path = typer.Argument(..., help="Bundle folder."),
+              data: list[Path] = typer.Argument(..., help="Labelled data folder(s) of the site; their non-test "
+                                                          "splits are used."),
+              out: Path = typer.Option(..., help="New bundle folder to write (must not exist)."),
+              operating_point: Optional[str] = typer.Option(None, help="Threshold rule: youden, sensitivity=T or "
+                                                            "specificity=T (default: the bundle's)."),
+              engine: str = typer.Option("auto", help="torch, onnx, openvino, or auto."),
+              strict: bool = typer.Option(False, help="Fail on unreadable images.")) -> None:
+    """Refit the calibration maps and thresholds on a site's own labelled images: a new bundle, same network."""
+    from respiscan.evaluation.recalibrate import recalibrate
+
+    result = recalibrate(bundle, data, out, operating_point=operating_point, engine=engine, strict=strict)
+    _report_skipped(result.skipped)
+    for r in result.refits:
+        typer.echo(f"{r.modality:5s} n={r.n} ({r.n_positive} COVID; {', '.join(r.sources)}): AUC {r.roc_auc:.3f}, "
+                   f"threshold {r.threshold_before:.3f} -> {r.threshold_after:.3f} ({result.point}), specificity there "
+                   f"{_fmt(r.specificity_before)} -> {_fmt(r.specificity_after)}, ECE {r.ece_before:.3f} -> "
+                   f"{r.ece_after:.3f} (on the images fitted on)")
+        if r.roc_auc < WEAK_AUC:
+            typer.echo(f"warning: the network ranks this site's {r.modality} images at AUC {r.roc_auc:.3f}: no map or "
+                       "threshold makes it useful here", err=True)
+    for why in result.kept:
+        typer.echo(f"kept the bundle's map and threshold for {why}")
+    typer.echo(f"written to {result.bundle}; score it with `respiscan evaluate {result.bundle} DATA` (test splits)")
 
 
 @app.command()

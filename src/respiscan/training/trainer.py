@@ -277,7 +277,7 @@ def train_heads(net: MMTLNet, cfg: TrainConfig, data: FitData, emb: dict, store:
     return head_x
 
 
-def _operating_point(chosen: ChosenThreshold, chosen_on: str) -> dict:
+def operating_point_record(chosen: ChosenThreshold, chosen_on: str) -> dict:
     """The bundle's record of one threshold (bundle.OperatingPointRecord)."""
     return {"point": {"rule": chosen.point.rule, "target": chosen.point.target}, "threshold": chosen.threshold,
             "ci": chosen.ci, "chosen_on": chosen_on, "n": chosen.n, "n_positive": chosen.n_positive,
@@ -370,7 +370,7 @@ def choose_thresholds(net: MMTLNet, cfg: TrainConfig, data: FitData, head_x: dic
         if _both_classes(y):
             chosen = operating_threshold(y, p_chosen, point, groups=[s.group or s.id for s in chosen_rows],
                                          seed=cfg.seed)
-            thresholds[m], points[m] = chosen.threshold, _operating_point(chosen, where)
+            thresholds[m], points[m] = chosen.threshold, operating_point_record(chosen, where)
         else:
             thresholds[m] = 0.5  # one class only: nothing to choose a threshold on
         p_val = calibration[m].apply(raw["val"])
@@ -384,13 +384,13 @@ def choose_thresholds(net: MMTLNet, cfg: TrainConfig, data: FitData, head_x: dic
             calibrated[m] = {s.id: float(q) for s, q in zip(chosen_rows, p_chosen)}
             pooled_rows[m] = chosen_rows
     if len(cfg.model.modalities) > 1:
-        thresholds["fused"], fused = _fused_threshold(pooled_rows, calibrated, thresholds, point, cfg.seed)
+        thresholds["fused"], fused = fused_threshold(pooled_rows, calibrated, thresholds, point, cfg.seed)
         if fused:
             points["fused"] = fused
     return Validation(thresholds, metrics, rows, calibration, points, cal_rows)
 
 
-def _fused_threshold(pooled_rows: dict[str, list[Sample]], calibrated: dict[str, dict[str, float]],
+def fused_threshold(pooled_rows: dict[str, list[Sample]], calibrated: dict[str, dict[str, float]],
                      thresholds: dict[str, float], point: OperatingPoint, seed: int) -> tuple[float, dict | None]:
     """The fused probability's threshold, chosen like the modalities' on the calibrated images' X-ray/CT pairs of
     one patient (a shared group id). Without such pairs of both classes: the mean of the per-modality thresholds,
@@ -403,7 +403,7 @@ def _fused_threshold(pooled_rows: dict[str, list[Sample]], calibrated: dict[str,
         return float(np.mean([thresholds[m] for m in MODALITIES])), None
     fused = np.array([(calibrated["xray"][x.id] + calibrated["ct"][c.id]) / 2 for x, c in pairs])
     chosen = operating_threshold(y, fused, point, groups=[x.group for x, _ in pairs], seed=seed)
-    return chosen.threshold, _operating_point(chosen, f"calibrated images, X-ray/CT pairs of one patient: "
+    return chosen.threshold, operating_point_record(chosen, f"calibrated images, X-ray/CT pairs of one patient: "
                                                       f"{len(pairs)} pairs ({int(y.sum())} COVID), mean of "
                                                       "calibrated probabilities")
 
