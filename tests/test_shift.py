@@ -77,9 +77,39 @@ def test_numpy_score_is_the_larger_of_sklearns_two_distances_over_their_threshol
     assert np.allclose(ShiftScorer(tmp_path, old).score(val, noisy, "xray").score, embedding, rtol=1e-4)
 
 
+def test_with_two_modalities_an_image_nearer_the_others_images_is_flagged(tmp_path):
+    """The wrong-modality check: the score also takes the image statistics' distance to the own modality's
+    training images over that to the other's (each over its threshold), in serving as in the validation scores
+    training records; a detector written before the check scores without it."""
+    from respiscan.data.image_stats import image_statistics
+
+    rng = np.random.default_rng(1)
+    embeddings = {m: {k: rng.normal(size=(n, 8)) for k, n in (("train", 200), ("val", 150))} for m in OTHER}
+    images = {"xray": {k: _smooth_images(rng, n) for k, n in (("train", 200), ("val", 150))},
+              "ct": {k: 255 - _smooth_images(rng, n) for k, n in (("train", 200), ("val", 150))}}
+    fitted = fit_ood(*({m: d[k] for m, d in source.items()} for source in (embeddings, images)
+                       for k in ("train", "val")))
+    ood, _ = build(OodDetector, write_ood(tmp_path, fitted), "ood")
+    assert ood.modality_check
+    val = embeddings["ct"]["val"]
+    for m in OTHER:
+        stats = {o: image_statistics(images[o]["train"]) for o in OTHER}
+        own, other = (np.sqrt(LedoitWolf().fit(stats[o]).mahalanobis(image_statistics(images["ct"]["val"])))
+                      / ood.modalities[o].image_threshold for o in (m, OTHER[m]))
+        embedding = np.sqrt(LedoitWolf().fit(embeddings[m]["train"]).mahalanobis(val)) / ood.modalities[m].threshold
+        got = ShiftScorer(tmp_path, ood).score(val, images["ct"]["val"], m).score
+        assert np.allclose(got, np.maximum.reduce([embedding, own, own / other]), rtol=1e-4)
+        if m == "ct":
+            assert np.allclose(np.sort(got), ood.modalities["ct"].val_scores, atol=1e-4)
+        else:  # CT images given as X-ray: nearer the CT images, all flagged by the check
+            assert (own / other > 1).all()
+            before = ShiftScorer(tmp_path, replace(ood, modality_check=False)).score(val, images["ct"]["val"], m)
+            assert np.allclose(before.score, np.maximum(embedding, own), rtol=1e-4)
+
+
 def test_training_records_the_detector(bundle):
     ood = Bundle.open(bundle).config.ood
-    assert ood is not None and (bundle / ood.file).is_file() and ood.false_alarm_rate == 0.05
+    assert ood is not None and (bundle / ood.file).is_file() and ood.false_alarm_rate == 0.05 and ood.modality_check
     for m in ("xray", "ct"):
         limit = ood.modalities[m]
         assert limit.threshold > 0 and limit.n_train > limit.n_val >= 1
@@ -298,6 +328,44 @@ def test_real_mosmed_slices_pass_one_by_one_but_not_as_a_set(tmp_path):
     own, other = (set_shift(ood, "ct", scores[k].score) for k in ("test", "mosmed"))
     assert not own.shifted and own.ci[0] < 0.5 < own.ci[1]
     assert other.shifted and other.auc > own.auc + 0.1
+
+
+@pytest.mark.skipif(not (REALDEV / "manifest.csv").is_file(), reason="../shared/data/realdev absent")
+def test_real_xrays_given_as_ct_and_ct_given_as_xray_are_caught_by_the_modality_check(tmp_path):
+    """A detector fitted on real realdev X-rays and CT slices (a network-free 12 x 12 thumbnail as the
+    embedding): the image statistics alone let some of the other modality's test images through, the check
+    catches every one, and it flags no more of the modality's own test images."""
+    import cv2
+
+    from respiscan.data.preprocess import PreprocessConfig
+    from respiscan.data.samples import carve_validation
+
+    rng = np.random.default_rng(0)
+    samples = carve_validation(discover(REALDEV), 0.3, seed=0)
+    images, embed = {}, {}
+    for m in OTHER:
+        own = [s for s in samples if s.modality == m]
+        train = [s for s in own if s.split == "train"]
+        subsets = {"train": [train[i] for i in sorted(rng.choice(len(train), 250, replace=False))],
+                   "val": [s for s in own if s.split == "val"], "test": [s for s in own if s.split == "test"]}
+        for k, chosen in subsets.items():
+            images[m, k] = load_dataset_images(chosen, PreprocessConfig(size=64), desc=f"{m} {k}")[0]
+            embed[m, k] = np.stack([cv2.resize(i, (12, 12), interpolation=cv2.INTER_AREA).ravel() / 255.0
+                                    for i in images[m, k]])
+    fitted = fit_ood(*({m: source[m, k] for m in OTHER} for source in (embed, images) for k in ("train", "val")))
+    ood, _ = build(OodDetector, write_ood(tmp_path, fitted), "ood")
+    flagged = {}
+    for check in (False, True):
+        scorer = ShiftScorer(tmp_path, replace(ood, modality_check=check))
+        for m in OTHER:
+            for given in OTHER:
+                scored = scorer.score(embed[m, "test"], images[m, "test"], given)
+                flagged[check, m, given] = (~scored.in_distribution).mean()
+    assert flagged[False, "xray", "ct"] < 0.97  # X-rays given as CT that the image statistics alone let through
+    for m in OTHER:
+        assert flagged[True, m, OTHER[m]] == 1.0
+        assert flagged[True, m, m] == flagged[False, m, m] <= 0.07
+        assert ood.modalities[m].val_flagged <= 0.06
 
 
 def test_texture_by_table_equals_the_binary_patterns_by_definition():

@@ -134,6 +134,9 @@ class OodDetector:
     modalities: dict[Modality, OodThreshold]
     space: str = "task-specific embedding (1280-d)"
     method: str = "mahalanobis-ledoit-wolf"
+    # Also flag an image whose statistics lie nearer the other modality's training images than its own (each
+    # distance over its threshold): the wrong-modality check. False: bundles from before it.
+    modality_check: bool = field(default=False, metadata={"omit_default": True})
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ task-specific embeddings of the training images and of their image statistics (d
 one threshold per distance so that 95 % of the validation images stay under both (a 5 % false-alarm rate on
 in-source images). Here, both engines score with the same numpy code: the larger of the two distances over its
 threshold, so a score above 1 means "farther from the training images than 95 % of the validation images were",
-and the input is then reported as not in distribution. Bundles from before the image statistics score the
-embedding alone. The statistics are a safetensors file in the bundle, checked by hash.
+and the input is then reported as not in distribution. Where the bundle has both modalities, an image whose
+statistics lie nearer the other modality's training images than its own (each distance over its threshold) is
+flagged too: the wrong-modality check. Bundles from before the image statistics score the embedding alone, and
+those from before the check do without it. The statistics are a safetensors file in the bundle, checked by hash.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from respiscan.bundle import Bundle, OodDetector, ood_image_key, ood_mean_key, ood_precision_key
-from respiscan.data.image_stats import image_statistics
+from respiscan.data.image_stats import image_statistics, modality_mismatch
 from respiscan.errors import RespiscanError
 
 
@@ -72,8 +74,14 @@ class ShiftScorer:
         with _one_blas_thread():
             score = _distance(embeddings, *self.stats[modality]) / limits.threshold
             if modality in self.image_stats:
-                score = np.maximum(score, _distance(image_statistics(images), *self.image_stats[modality])
-                                   / limits.image_threshold)
+                stats = image_statistics(images)
+                own = _distance(stats, *self.image_stats[modality]) / limits.image_threshold
+                score = np.maximum(score, own)
+                others = set(self.image_stats) - {modality} if self.detector.modality_check else set()
+                for other in others:
+                    to_other = _distance(stats, *self.image_stats[other])
+                    score = np.maximum(score, modality_mismatch(
+                        own, to_other / self.detector.modalities[other].image_threshold))
         return ShiftScores(score, score <= 1.0)
 
 
